@@ -54,6 +54,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mailproxy-master=mailproxy.cli:main",
+            "mailproxy-auth=mailproxy.authserver.app:main",
         ]
     },
 )

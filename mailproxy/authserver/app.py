@@ -1,0 +1,212 @@
+"""mailproxy-auth: an auth_http server for mailproxy and nginx, good enough to run in production.
+
+It answers nginx's auth_http protocol from a users file (see users.py): `Auth-Status: OK` with the
+backend's `Auth-Server`/`Auth-Port` (and `Auth-Pass` for APOP and CRAM-MD5, which need the clear text
+at the backend), or a failure text with `Auth-Wait` so the client may try again, until one client
+address has failed too often: then it answers without `Auth-Wait`, which makes the proxy close the
+session, and keeps doing so until the lock-out expires. The users file is re-read when it changes on
+disk (checked at most once a second) or on SIGHUP; a broken file keeps the last good one in force.
+
+Usage: mailproxy-auth --users FILE [--listen 127.0.0.1:9000] [--max-failures 10] [--lockout 300]
+                      [--wait 3] [--access-log FILE|-]
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+import urllib.parse
+
+from mailproxy.authserver.users import Directory, UsersFileError, parse
+
+INVALID = "Invalid login or password"
+LOCKED = "Too many invalid logins, try again later"
+UNROUTED = "Temporary server problem, try again later"
+
+
+class FailureCounter:
+    """Failed logins per client address within a sliding window, and lock-outs past the limit."""
+
+    def __init__(self, limit, lockout, clock=time.monotonic):
+        self.limit = limit
+        self.lockout = lockout
+        self.clock = clock
+        self.failures = {}  # ip -> (count, first failure time)
+
+    def locked(self, ip) -> bool:
+        entry = self.failures.get(ip)
+        if entry is None:
+            return False
+        count, since = entry
+        if self.clock() - since > self.lockout:
+            del self.failures[ip]
+            return False
+        return count >= self.limit
+
+    def failed(self, ip):
+        count, since = self.failures.get(ip, (0, self.clock()))
+        self.failures[ip] = (count + 1, since)
+        if len(self.failures) > 100000:  # a scan from many addresses must not grow memory for ever
+            self.failures.clear()
+
+    def succeeded(self, ip):
+        self.failures.pop(ip, None)
+
+
+class UsersFile:
+    def __init__(self, path):
+        self.path = path
+        self.mtime = None
+        self.checked = 0.0
+        self.directory = self.load()
+
+    def load(self) -> Directory:
+        with open(self.path, encoding="utf-8") as source:
+            self.mtime = os.fstat(source.fileno()).st_mtime
+            return parse(source.read(), self.path)
+
+    def current(self) -> Directory:
+        now = time.monotonic()
+        if now - self.checked >= 1.0:
+            self.checked = now
+            try:
+                if os.stat(self.path).st_mtime != self.mtime:
+                    self.reload()
+            except OSError as exc:
+                _warn("cannot stat users file: %s" % exc)
+        return self.directory
+
+    def reload(self):
+        try:
+            self.directory = self.load()
+        except (OSError, UsersFileError) as exc:
+            _warn("users file not reloaded, keeping the previous one: %s" % exc)
+
+
+class AuthApp:
+    """The WSGI application: one auth_http request in, one header block out."""
+
+    def __init__(self, users: UsersFile, failures: FailureCounter, wait: int, access_log=None):
+        self.users = users
+        self.failures = failures
+        self.wait = wait
+        self.access_log = access_log
+
+    def __call__(self, environ, start_response):
+        headers = self.answer(environ)
+        start_response("200 OK", headers + [("Content-Length", "0")])
+        return [b""]
+
+    def answer(self, environ):
+        header = lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+        login = _unescape(header("Auth-User"))
+        password = _unescape(header("Auth-Pass")).encode("latin-1")
+        method = header("Auth-Method").lower()
+        protocol = header("Auth-Protocol").lower()
+        client = header("Client-IP")
+        salt = header("Auth-Salt").strip().encode("latin-1")
+        if method == "none":
+            # An unauthenticated SMTP relay is routed by its recipient's domain.
+            login = _recipient(header("Auth-SMTP-To"))
+        result, reply = self.decide(login, password, method, protocol, client, salt)
+        if self.access_log:
+            self.access_log.write(
+                '%s %s %s method=%s protocol=%s attempt=%s result="%s"\n'
+                % (time.strftime("%Y-%m-%dT%H:%M:%S"), client or "-", _quote(login), method or "-",
+                   protocol or "-", header("Auth-Login-Attempt") or "-", result)
+            )
+            self.access_log.flush()
+        return reply
+
+    def decide(self, login, password, method, protocol, client, salt):
+        if self.failures.locked(client):
+            return "locked", [("Auth-Status", LOCKED)]
+        directory = self.users.current()
+        if method == "none":
+            target = directory.backend(login, protocol)
+            if target is None:
+                return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
+            return "ok", _ok(target)
+        user = directory.users.get(login)
+        if user is None or not user.check(method, password, salt):
+            self.failures.failed(client)
+            if self.failures.locked(client):
+                return "locked", [("Auth-Status", LOCKED)]
+            return "invalid", [("Auth-Status", INVALID), ("Auth-Wait", str(self.wait))]
+        target = directory.backend(login, protocol)
+        if target is None:
+            return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
+        self.failures.succeeded(client)
+        reply = _ok(target)
+        if method in ("apop", "cram-md5"):
+            reply.append(("Auth-Pass", user.clear_text))
+        return "ok", reply
+
+
+def _ok(target):
+    host, port = target
+    return [("Auth-Status", "OK"), ("Auth-Server", host), ("Auth-Port", str(port))]
+
+
+def _recipient(rcpt_command: str) -> str:
+    start, end = rcpt_command.find("<"), rcpt_command.find(">")
+    return rcpt_command[start + 1 : end] if 0 <= start < end else ""
+
+
+def _unescape(value: str) -> str:
+    # nginx %-escapes only controls, space and %, and sends other bytes raw (read here as latin-1).
+    return urllib.parse.unquote(value, encoding="latin-1")
+
+
+def _quote(text: str) -> str:
+    return '"%s"' % "".join(c if 0x20 < ord(c) < 0x7F and c != '"' else "\\x%02X" % (ord(c) & 0xFF) for c in text)
+
+
+def _warn(message):
+    sys.stderr.write("mailproxy-auth: %s\n" % message)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="mailproxy-auth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", required=True, help="users file (see etc/users.example)")
+    parser.add_argument("--listen", default="127.0.0.1:9000", help="address:port or unix:/path")
+    parser.add_argument("--max-failures", type=int, default=10, help="failures per client IP before lock-out")
+    parser.add_argument("--lockout", type=int, default=300, help="seconds a lock-out lasts")
+    parser.add_argument("--wait", type=int, default=3, help="Auth-Wait seconds after a failure")
+    parser.add_argument("--access-log", default="-", help="file for one line a request, - for stdout")
+    args = parser.parse_args(argv)
+    from gevent import monkey
+
+    monkey.patch_all()
+    from gevent.pywsgi import WSGIServer
+
+    try:
+        users = UsersFile(args.users)
+    except (OSError, UsersFileError) as exc:
+        sys.exit("mailproxy-auth: %s" % exc)
+    access_log = sys.stdout if args.access_log == "-" else open(args.access_log, "a")
+    app = AuthApp(users, FailureCounter(args.max_failures, args.lockout), args.wait, access_log)
+    signal.signal(signal.SIGHUP, lambda *_: users.reload())
+    if args.listen.startswith("unix:"):
+        import gevent.socket
+
+        path = args.listen[5:]
+        if os.path.exists(path):
+            os.unlink(path)
+        listener = gevent.socket.socket(gevent.socket.AF_UNIX)
+        listener.bind(path)
+        listener.listen(1024)
+    else:
+        host, _, port = args.listen.rpartition(":")
+        listener = (host.strip("[]") or "127.0.0.1", int(port))
+    server = WSGIServer(listener, app, log=None, error_log=sys.stderr)
+    _warn("listening on %s" % args.listen)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
