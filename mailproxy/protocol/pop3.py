@@ -91,6 +91,9 @@ class Pop3Config:
     capa_starttls: bytes  # starttls on, plain connection, start state
     capa_starttls_only: bytes  # starttls only, plain connection, start state
     auth_list: bytes  # reply to a bare AUTH
+    internal_error: bytes = b"-ERR internal server error\r\n"
+    ssl_cert_error: bytes = b"-ERR SSL certificate error\r\n"
+    ssl_no_cert: bytes = b"-ERR No required SSL certificate\r\n"
 
     @classmethod
     def from_server(cls, server) -> "Pop3Config":

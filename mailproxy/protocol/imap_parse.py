@@ -1,0 +1,246 @@
+"""The IMAP command tokenizer (spec 2.1), a pure function over the bytes of one buffered command.
+
+``parse_line`` always starts at the head of the buffer and scans at most ``limit`` bytes, so the answer
+depends only on those bytes: feeding a command whole or byte by byte gives the same result. The machine
+only calls it again when something that can change the answer arrived (an LF, or the rest of a literal),
+which keeps the rescanning linear in practice.
+"""
+
+import enum
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+LF = 0x0A
+CR = 0x0D
+SP = 0x20
+QUOTE = 0x22
+BACKSLASH = 0x5C
+OPEN_BRACE = 0x7B
+CLOSE_BRACE = 0x7D
+PLUS = 0x2B
+
+MAX_TAG = 32
+MAX_ARGS = 3
+TAG_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._")
+LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+DIGITS = frozenset(b"0123456789")
+VERBS = frozenset((b"NOOP", b"CAPABILITY", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE"))
+
+
+class Kind(enum.Enum):
+    COMPLETE = "complete"  # a whole command: tag, verb, args, end
+    INVALID = "invalid"  # a parse error; end is just past its LF
+    INCOMPLETE = "incomplete"  # wait for more bytes (wait_for: buffer length needed first)
+    TOO_LONG = "too long"  # cannot fit in the buffer whatever follows
+
+
+@dataclass
+class Parsed:
+    kind: Kind
+    tag: Optional[bytes] = None  # None when no tag was read completely (or a continuation line)
+    verb: bytes = b""  # upper case; empty for continuation lines
+    args: List[bytes] = field(default_factory=list)
+    end: int = 0  # bytes the command occupies, LF included
+    sync_literals: int = 0  # synchronising literal headers passed (each owes the client a "+ OK")
+    close: bool = False  # an invalid line announcing a non-synchronising literal
+    wait_for: int = 0  # INCOMPLETE: the buffer must reach this length before a rescan can help
+
+
+def parse_line(buf: bytes, limit: int, continuation: bool) -> Parsed:
+    """Parse the command at the head of ``buf``; a continuation line has no tag or verb, only arguments."""
+    window = bytes(buf[:limit])
+    if continuation:
+        return _arguments(window, 0, Parsed(Kind.COMPLETE), limit)
+    result = Parsed(Kind.COMPLETE)
+    index = _tag(window, result)
+    if index is None:
+        return _invalid(window, 0, result)
+    if index < 0:
+        return _incomplete(result)
+    index = _verb(window, index + 1, result)
+    if index is None:
+        return _invalid(window, 0, result)
+    if index < 0:
+        return _incomplete(result)
+    return _arguments(window, index, result, limit)
+
+
+def _tag(window: bytes, result: Parsed):
+    """Index of the SP that ends the tag, -1 to wait, None for a parse error."""
+    for index in range(min(len(window), MAX_TAG + 1)):
+        byte = window[index]
+        if byte == SP:
+            # A line starting with SP has an empty tag; its replies then start with that lone SP.
+            result.tag = window[:index]
+            return index
+        if byte not in TAG_CHARS or index == MAX_TAG:
+            return None
+    return -1
+
+
+def _verb(window: bytes, index: int, result: Parsed):
+    """Index just past a known command word (at its SP, CR or LF), -1 to wait, None for a parse error
+    (an unknown word too: ID, ENABLE and the rest are parse errors before login, as in nginx)."""
+    length = len(window)
+    while index < length and window[index] == SP:
+        index += 1
+    start = index
+    while index < length and window[index] in LETTERS:
+        index += 1
+    if index == length:
+        return -1
+    verb = window[start:index].upper()
+    if window[index] not in (SP, CR, LF) or verb not in VERBS:
+        return None
+    result.verb = verb
+    return index
+
+
+def _arguments(window: bytes, index: int, result: Parsed, limit: int) -> Parsed:
+    length = len(window)
+    args = result.args
+    while True:
+        while index < length and window[index] == SP:
+            index += 1
+        if index == length:
+            return _incomplete(result)
+        byte = window[index]
+        if byte == CR:
+            if index + 1 == length:
+                return _incomplete(result)
+            if window[index + 1] != LF:
+                return _invalid(window, index + 1, result)
+            result.end = index + 2
+            return result
+        if byte == LF:
+            result.end = index + 1
+            return result
+        if len(args) == MAX_ARGS:
+            return _invalid(window, index, result)
+        try:
+            if byte == QUOTE:
+                index = _quoted(window, index + 1, args)
+            elif byte == OPEN_BRACE:
+                index = _literal(window, index + 1, result, limit)
+                if result.kind is Kind.TOO_LONG:
+                    return result
+            else:
+                index = _atom(window, index, args)
+        except _Bad as bad:
+            return _invalid(window, bad.index, result)
+        if index < 0:
+            return _incomplete(result)
+
+
+def _atom(window: bytes, index: int, args: list) -> int:
+    # A quote inside an atom is just data, as nginx reads it.
+    start = index
+    length = len(window)
+    while index < length and window[index] not in (SP, CR, LF):
+        index += 1
+    if index == length:
+        return -1
+    args.append(window[start:index])
+    return index
+
+
+def _quoted(window: bytes, index: int, args: list):
+    """Read a quoted string (opening quote already passed); the index after it, or -1 to wait."""
+    out = bytearray()
+    length = len(window)
+    while index < length:
+        byte = window[index]
+        if byte == QUOTE:
+            args.append(bytes(out))
+            return index + 1
+        if byte in (CR, LF):
+            # An unterminated string ends with its line, as nginx reads it; the line end stays unread.
+            args.append(bytes(out))
+            return index
+        if byte == BACKSLASH:
+            if index + 1 == length:
+                return -1
+            if window[index + 1] in (CR, LF):
+                raise _Bad(index + 1)
+            index += 1
+            byte = window[index]
+        out.append(byte)
+        index += 1
+    return -1
+
+
+def _literal(window: bytes, index: int, result: Parsed, limit: int):
+    """Read ``{n}``/``{n+}`` CRLF and n bytes: the index after them, or -1 to wait (TOO_LONG is set
+    on ``result`` when the announced size can never fit)."""
+    length = len(window)
+    start = index
+    size = 0
+    while index < length and window[index] in DIGITS:
+        # Stop growing past the buffer size: the literal is refused anyway, and a client-chosen
+        # ten-thousand-digit count must not cost a bignum.
+        if size <= limit:
+            size = size * 10 + window[index] - 0x30
+        index += 1
+    if index == length:
+        return -1
+    if index == start:
+        raise _Bad(index)
+    sync = True
+    if window[index] == PLUS:
+        sync = False
+        index += 1
+        if index == length:
+            return -1
+    if window[index] != CLOSE_BRACE:
+        raise _Bad(index)
+    index += 1
+    if index < length and window[index] == CR:
+        index += 1
+    if index == length:
+        return -1
+    if window[index] != LF:
+        raise _Bad(index)
+    data_start = index + 1
+    # The literal and at least the LF ending the command must fit: decide now, allocate nothing.
+    if data_start + size + 1 > limit:
+        result.kind = Kind.TOO_LONG
+        result.end = data_start
+        return result
+    if sync:
+        result.sync_literals += 1
+    data_end = data_start + size
+    if data_end > length:
+        result.wait_for = data_end
+        return -1
+    result.args.append(window[data_start:data_end])
+    if data_end == length:
+        return -1
+    if window[data_end] not in (SP, CR, LF):
+        raise _Bad(data_end)
+    return data_end
+
+
+class _Bad(Exception):
+    """A parse error inside an argument; skipping to LF starts at ``index``, not inside literal data."""
+
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
+
+
+def _incomplete(result: Parsed) -> Parsed:
+    result.kind = Kind.INCOMPLETE
+    return result
+
+
+def _invalid(window: bytes, index: int, result: Parsed) -> Parsed:
+    newline = window.find(b"\n", index)
+    if newline < 0:
+        return _incomplete(result)
+    result.kind = Kind.INVALID
+    result.end = newline + 1
+    line_end = newline - 1 if newline > 0 and window[newline - 1] == CR else newline
+    # A line announcing a non-synchronising literal cannot be resynchronised: the literal's bytes would
+    # be read as commands.
+    result.close = newline > 4 and window[line_end - 2 : line_end] == b"+}"
+    return result
