@@ -1,0 +1,347 @@
+"""mailproxy-master: start the proxy, or signal the running master, as nginx's command line does.
+
+    mailproxy-master [-c file] [-p prefix] [-g directives] [-w seconds] [start|stop|quit|reload|reopen|status]
+    mailproxy-master -s stop|quit|reload|reopen      same as the command
+    mailproxy-master -t | -T | -v | -V
+
+Every failure is one line on stderr (`mailproxy: [emerg] ...`) and a non-zero exit status.
+"""
+
+import importlib.util
+import os
+import select
+import signal
+import ssl
+import sys
+
+import mailproxy
+from mailproxy import listeners as listen_mod
+from mailproxy import log as errorlog
+from mailproxy.master import SIGNALS, Master, command_line, log_paths, write_pid_file
+
+COMMANDS = ("start", "status") + tuple(SIGNALS)
+VALUE_OPTIONS = {"-c": "conf", "-p": "prefix", "-g": "directives", "-s": "signal", "-w": "wait"}
+FLAG_OPTIONS = {"-t": "test", "-T": "dump", "-v": "version", "-V": "build", "-q": "quiet",
+                "-h": "help", "-?": "help"}
+DEFAULT_WAIT = 30.0
+USAGE = __doc__.split("\n\n")[1]
+
+
+class CliError(Exception):
+    """One line for stderr, after `mailproxy: [emerg] `."""
+
+
+def parse_args(argv):
+    opts = {"command": None}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in COMMANDS and opts["command"] is None:
+            opts["command"] = arg
+            continue
+        if len(arg) < 2 or arg[0] != "-":
+            raise CliError('invalid option: "%s"' % arg)
+        flag, rest = arg[:2], arg[2:]
+        if flag in FLAG_OPTIONS and not rest:
+            opts[FLAG_OPTIONS[flag]] = True
+        elif flag in VALUE_OPTIONS:
+            if not rest:
+                if not args:
+                    raise CliError('option "%s" requires %s' % (flag, VALUE_OPTIONS[flag]))
+                rest = args.pop(0)
+            opts[VALUE_OPTIONS[flag]] = rest
+        else:
+            raise CliError('invalid option: "%s"' % arg)
+    if "signal" in opts:
+        if opts["signal"] not in SIGNALS:
+            raise CliError('invalid option: "-s %s"' % opts["signal"])
+        opts["command"] = opts["signal"]
+    if "wait" in opts:
+        try:
+            opts["wait"] = float(opts["wait"])
+        except ValueError:
+            raise CliError('invalid wait time "%s"' % opts["wait"]) from None
+    opts.setdefault("command", None)
+    opts["command"] = opts["command"] or "start"
+    return opts
+
+
+def conf_location(opts):
+    from mailproxy.conf.settings import DEFAULT_CONF_PATH, default_prefix
+
+    path = os.path.abspath(opts.get("conf") or DEFAULT_CONF_PATH)
+    prefix = opts.get("prefix")
+    prefix = os.path.join(os.path.abspath(prefix), "") if prefix else default_prefix(path)
+    return path, prefix, opts.get("directives")
+
+
+def load(opts, warn=False):
+    from mailproxy.conf import ConfigError, load_config
+
+    path, prefix, directives = conf_location(opts)
+    try:
+        config = load_config(path, prefix, directives)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    if warn:
+        for warning in getattr(config, "warnings", ()):
+            sys.stderr.write("mailproxy: %s\n" % warning)
+    return config
+
+
+def version_lines(build):
+    lines = ["mailproxy version: mailproxy/%s" % mailproxy.__version__]
+    if build:
+        import gevent
+
+        splice = importlib.util.find_spec("mailproxy._splice") is not None
+        lines += [
+            "built with Python %s, gevent %s" % (sys.version.split()[0], gevent.__version__),
+            "built with %s" % ssl.OPENSSL_VERSION,
+            "splice relay (mailproxy._splice): %s" % ("compiled in" if splice else "not built"),
+        ]
+    return lines
+
+
+# -- pid file ------------------------------------------------------------------------------------
+
+
+def read_pid(path):
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise CliError('open() "%s" failed %s' % (path, errorlog.os_error_text(exc))) from None
+    number = text.strip()
+    if not number.isdigit() or int(number) <= 0:
+        raise CliError('invalid PID number "%s" in "%s"' % (number, path))
+    return int(number)
+
+
+def running_master(path):
+    """The pid of a live master named by the pid file, else None (a stale file is removed)."""
+    try:
+        pid = read_pid(path)
+    except CliError:
+        pid = None
+    if pid is not None and pid != os.getpid() and _is_master(pid):
+        return pid
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # nothing stale to clean
+    return None
+
+
+def _is_master(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            cmdline = handle.read()
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True
+    # A recycled pid belongs to some other program; only our title or our command counts.
+    return b"mailproxy" in cmdline
+
+
+def signal_master(opts, name):
+    config = load(opts)
+    pid = read_pid(config.main.pid)
+    signum = SIGNALS[name]
+    watch = None
+    if name in ("stop", "quit"):
+        try:
+            # Opened before the signal so that the wait below cannot follow a recycled pid.
+            watch = os.pidfd_open(pid)
+        except ProcessLookupError:
+            watch = None
+    try:
+        os.kill(pid, signum)
+    except OSError as exc:
+        raise CliError("kill(%d, %d) failed %s" % (pid, signum, errorlog.os_error_text(exc))) from None
+    if watch is None:
+        return 0
+    try:
+        timeout = opts.get("wait", DEFAULT_WAIT)
+        ready, _, _ = select.select([watch], [], [], timeout)
+    finally:
+        os.close(watch)
+    if not ready:
+        raise CliError("master process %d did not exit within %g seconds" % (pid, timeout))
+    return 0
+
+
+def status(opts):
+    config = load(opts)
+    pid = running_master(config.main.pid) if os.path.exists(config.main.pid) else None
+    if pid is None:
+        print("mailproxy: master process is not running")
+        return 3
+    print("mailproxy: master process %d is running" % pid)
+    return 0
+
+
+# -- start ---------------------------------------------------------------------------------------
+
+
+def check_session_module():
+    from mailproxy.worker import DEFAULT_HANDLER, HANDLER_ENV
+
+    spec = os.environ.get(HANDLER_ENV) or DEFAULT_HANDLER
+    module = spec.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except ImportError:
+        found = None
+    if found is None:
+        raise CliError('session handler module "%s" not found' % module)
+
+
+def start(opts):
+    config = load(opts, warn=True)
+    check_session_module()
+    pid = running_master(config.main.pid)
+    if pid is not None:
+        raise CliError("a master process is already running with pid %d" % pid)
+    try:
+        errorlog.open_files(log_paths(config))
+        listener_set = listen_mod.ListenerSet()
+        bindings = listener_set.prepare(listen_mod.plan(config.servers))
+    except (errorlog.LogOpenError, listen_mod.ListenError) as exc:
+        raise CliError(str(exc)) from None
+
+    if not config.main.master_process:
+        return run_single(config, listener_set, bindings)
+
+    from mailproxy.conf import load_config
+
+    path, prefix, directives = conf_location(opts)
+    master = Master(config, listener_set, bindings, lambda: load_config(path, prefix, directives),
+                    command_line())
+    if config.main.daemon:
+        daemonize(master)
+    try:
+        write_pid_file(config.main.pid)
+    except errorlog.LogOpenError as exc:
+        raise CliError(str(exc)) from None
+    redirect_stderr(config)
+    return master.run()
+
+
+def run_single(config, listener_set, bindings):
+    """master_process off: one process accepts and serves; no reload (as nginx, for debugging)."""
+    import ctypes
+    import multiprocessing
+
+    from mailproxy import worker
+
+    if config.main.daemon:
+        daemonize(None)
+    try:
+        write_pid_file(config.main.pid)
+    except errorlog.LogOpenError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        counter = multiprocessing.Value(ctypes.c_uint64, 0)
+        return worker.boot(config, bindings, [], counter, single=True)
+    finally:
+        listener_set.close_all()
+        try:
+            os.unlink(config.main.pid)
+        except FileNotFoundError:
+            pass  # removed by hand meanwhile
+
+
+def daemonize(master):
+    """Double fork and setsid. The command the user ran waits until the master says it is serving,
+    so its exit status tells whether the start worked."""
+    read_end, write_end = os.pipe()
+    if os.fork():
+        os.close(write_end)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        answer = b""
+        while True:
+            try:
+                answer = os.read(read_end, 1)
+                break
+            except InterruptedError:
+                continue
+        if answer != b"1":
+            errorlog.startup_error("master process failed to start, see the error log")
+        os._exit(0 if answer == b"1" else 1)
+    os.close(read_end)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    if master is None:
+        os.write(write_end, b"1")
+        os.close(write_end)
+        return
+
+    def ready():
+        os.write(write_end, b"1")
+        os.close(write_end)
+        master.private_fds.remove(write_end)
+
+    master.private_fds.append(write_end)
+    master.ready_hooks.append(ready)
+
+
+def redirect_stderr(config):
+    """Like nginx, send stray stderr output (a crash report) to the main error log file."""
+    targets = [target for target, _ in config.main.error_log]
+    if errorlog.STDERR in targets or not targets:
+        return
+    os.dup2(errorlog.log_file(targets[0]).fd, 2)
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def run(argv):
+    opts = parse_args(argv)
+    if opts.get("help"):
+        sys.stderr.write("usage:" + USAGE[USAGE.index(" ") :] + "\n")
+        return 0
+    if opts.get("version") or opts.get("build"):
+        sys.stderr.write("\n".join(version_lines(opts.get("build"))) + "\n")
+        return 0
+    if opts.get("test") or opts.get("dump"):
+        from mailproxy.conf.load import check
+
+        path, prefix, directives = conf_location(opts)
+        return check(path, prefix, directives, bool(opts.get("dump")), sys.stdout, sys.stderr)
+    command = opts["command"]
+    if command == "start":
+        return start(opts)
+    if command == "status":
+        return status(opts)
+    return signal_master(opts, command)
+
+
+def main(argv=None):
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except CliError as exc:
+        errorlog.startup_error(str(exc))
+    except KeyboardInterrupt:
+        errorlog.startup_error("interrupted", level="notice")
+    except OSError as exc:
+        # A system call with no better wording above: still one line, in nginx's errno form.
+        what = exc.filename and '"%s" ' % exc.filename or ""
+        errorlog.startup_error("%sfailed %s" % (what, errorlog.os_error_text(exc)), level="alert")
+    except ImportError as exc:
+        errorlog.startup_error("cannot import %s" % (exc.name or exc), level="alert")
+    except Exception as exc:
+        # The promise is one line and a status, whatever broke; the type names the bug to report.
+        errorlog.startup_error("%s: %s" % (type(exc).__name__, exc), level="alert")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

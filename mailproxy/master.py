@@ -1,0 +1,350 @@
+"""The master process: fork workers, reap them, act on signals, reload (spec 7).
+
+The master never runs gevent. Its signals stay blocked and the main loop takes them one at a time with
+sigtimedwait(), which also says who sent them (nginx logs the sender); each is then run by name as
+`handle_<name>`, outside any signal-handler context, so a reload can take as long as it needs.
+"""
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+
+from mailproxy import listeners as listen_mod
+from mailproxy import log as errorlog
+
+# One table for the master's handlers and for `mailproxy-master -s <name>` (nginx's signals[]).
+SIGNALS = {
+    "stop": signal.SIGTERM,
+    "quit": signal.SIGQUIT,
+    "reopen": signal.SIGUSR1,
+    "reload": signal.SIGHUP,
+}
+
+HANDLERS = {
+    signal.SIGHUP: ("hup", "reconfiguring"),
+    signal.SIGQUIT: ("quit", "shutting down"),
+    signal.SIGTERM: ("term", "exiting"),
+    signal.SIGINT: ("term", "exiting"),
+    signal.SIGUSR1: ("usr1", "reopening logs"),
+    signal.SIGCHLD: ("chld", None),
+    signal.SIGUSR2: ("ignored", None),
+    signal.SIGWINCH: ("ignored", None),
+}
+
+MASTER_TITLE = "mailproxy: master process %s"
+
+# A worker that dies sooner than this after its start counts towards the respawn back-off.
+QUICK_DEATH = 5.0
+RESPAWN_MAX_DELAY = 30.0
+# Fast stop: TERM again after each wait, doubling, then SIGKILL (nginx: 50..800 ms, ~1.5 s in all).
+TERM_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8)
+IDLE_WAIT = 60.0
+
+
+def notify(message):
+    """systemd's sd_notify: READY=1 / RELOADING=1 / STOPPING=1 when run with NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError:
+            # Nobody listening any more (the supervisor went away): the master carries on.
+            return
+
+
+class WorkerProcess:
+    def __init__(self, pid, generation):
+        self.pid = pid
+        self.generation = generation
+        self.started = time.monotonic()
+        self.retiring = False
+
+
+class Master:
+    """`load` re-reads the configuration for a reload: () -> Config, raising ConfigError."""
+
+    def __init__(self, config, listener_set, bindings, load, command_line=""):
+        self.config = config
+        self.listeners = listener_set
+        self.bindings = bindings
+        self.load = load
+        self.command_line = command_line
+        self.log = errorlog.ErrorLog(config.main.error_log)
+        self.workers = {}
+        self.generation = 0
+        self.state = "running"  # running | quitting | stopping
+        self.counter = multiprocessing.Value(ctypes.c_uint64, 0)
+        self.private_fds = []  # closed in every worker (e.g. the daemon's readiness pipe)
+        self.ready_hooks = []
+        self.failures = 0
+        self.respawn_at = 0.0
+        self.term_deadlines = []
+        self.fatal = False
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLERS)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self):
+        """Serve until stopped; returns the exit status of the master."""
+        from setproctitle import setproctitle
+
+        setproctitle(MASTER_TITLE % self.command_line)
+        self.spawn_workers()
+        self._ready()
+        while self.state == "running" or self.workers:
+            info = signal.sigtimedwait(HANDLERS, self._wait_time())
+            if info is not None:
+                self.dispatch(info)
+            self.tick()
+        self.finish()
+        return 1 if self.fatal else 0
+
+    def dispatch(self, info):
+        name, reason = HANDLERS[info.si_signo]
+        text = "signal %d (%s) received from %d" % (
+            info.si_signo, signal.Signals(info.si_signo).name, info.si_pid)
+        self.log.log("notice", text + (", " + reason if reason else ""))
+        getattr(self, "handle_" + name)()
+
+    def _wait_time(self):
+        now = time.monotonic()
+        deadlines = list(self.term_deadlines[:1])
+        if self.state == "running" and self._missing_workers():
+            deadlines.append(self.respawn_at)
+        if not deadlines:
+            return IDLE_WAIT
+        return max(0.0, min(deadlines) - now)
+
+    def tick(self):
+        """Work that is due by the clock rather than by a signal."""
+        now = time.monotonic()
+        if self.state == "running" and self._missing_workers() and now >= self.respawn_at:
+            self.spawn_workers()
+        if self.state == "stopping" and self.term_deadlines and now >= self.term_deadlines[0]:
+            self.term_deadlines.pop(0)
+            self.kill_workers(signal.SIGTERM if self.term_deadlines else signal.SIGKILL)
+
+    def finish(self):
+        self.listeners.close_all()
+        self._remove_pid_file(self.config.main.pid)
+        self.log.log("notice", "exit")
+
+    def _ready(self):
+        notify("READY=1\nMAINPID=%d" % os.getpid())
+        for hook in self.ready_hooks:
+            hook()
+        self.ready_hooks = []
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _current(self):
+        return [w for w in self.workers.values() if not w.retiring]
+
+    def _missing_workers(self):
+        return max(0, self.config.main.worker_processes - len(self._current()))
+
+    def spawn_workers(self):
+        missing = self._missing_workers()
+        if missing and not self._current():
+            self.log.log("notice", "start worker processes")
+        for _ in range(missing):
+            self.spawn_worker()
+
+    def spawn_worker(self):
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = WorkerProcess(pid, self.generation)
+            self.log.log("notice", "start worker process %d" % pid)
+            return pid
+        status = 1
+        try:
+            from mailproxy import worker
+
+            status = worker.boot(self.config, self.bindings, self._foreign_fds(), self.counter)
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:
+            self.log.log("alert", "worker process failed: %s: %s" % (type(exc).__name__, exc))
+        finally:
+            os._exit(status)
+
+    def _foreign_fds(self):
+        """Descriptors a new worker must not keep: sockets of other generations, master-only fds."""
+        mine = {binding.sock.fileno() for binding in self.bindings}
+        fds = [s.fileno() for s in self.listeners.all_sockets() if s.fileno() not in mine]
+        return fds + list(self.private_fds)
+
+    def handle_chld(self):
+        self.reap_workers()
+
+    def reap_workers(self):
+        from mailproxy.worker import WORKER_BOOT_ERROR
+
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            record = self.workers.pop(pid, None)
+            if record is None:
+                continue
+            if os.WIFSIGNALED(status):
+                self.log.log("alert", "worker process %d exited on signal %d%s" % (
+                    pid, os.WTERMSIG(status), " (core dumped)" if os.WCOREDUMP(status) else ""))
+            elif os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
+                self.log.log("alert", "worker process %d exited with fatal code %d and cannot be "
+                                      "respawned" % (pid, WORKER_BOOT_ERROR))
+                self.fatal = True
+                self.handle_term()
+                continue
+            else:
+                self.log.log("notice", "worker process %d exited with code %d" % (
+                    pid, os.WEXITSTATUS(status)))
+            if not record.retiring and self.state == "running":
+                self._schedule_respawn(record)
+
+    def _schedule_respawn(self, record):
+        """The first death is answered at once; workers that keep dying are spaced out."""
+        if time.monotonic() - record.started < QUICK_DEATH:
+            self.failures += 1
+        else:
+            self.failures = 0
+        delay = 0.0 if self.failures <= 1 else min(0.1 * 2 ** (self.failures - 2), RESPAWN_MAX_DELAY)
+        self.respawn_at = time.monotonic() + delay
+
+    def kill_workers(self, signum, only=None):
+        for record in list(only if only is not None else self.workers.values()):
+            try:
+                os.kill(record.pid, signum)
+            except ProcessLookupError:
+                continue  # exited already; its SIGCHLD is on the way
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def handle_hup(self):
+        if self.state != "running":
+            return
+        self.log.log("notice", "reconfiguring")
+        notify("RELOADING=1")
+        try:
+            self.reload()
+        finally:
+            notify("READY=1")
+
+    def reload(self):
+        """Parse first, bind second: any failure leaves the running configuration untouched."""
+        from mailproxy.conf import ConfigError
+
+        try:
+            config = self.load()
+            errorlog.open_files(log_paths(config))
+            bindings = self.listeners.prepare(listen_mod.plan(config.servers))
+        except (ConfigError, errorlog.LogOpenError, listen_mod.ListenError) as exc:
+            self.log.log("emerg", str(exc))
+            return
+        except Exception as exc:
+            # A bug in the loader must not take down a master that is serving fine.
+            self.log.log("alert", "reload failed: %s: %s" % (type(exc).__name__, exc))
+            return
+        old_workers = list(self.workers.values())
+        for record in old_workers:
+            record.retiring = True
+        old_pid = self.config.main.pid
+        self.config, self.bindings = config, bindings
+        self.generation += 1
+        self.log = errorlog.ErrorLog(config.main.error_log)
+        self.failures, self.respawn_at = 0, 0.0
+        self.spawn_workers()
+        self.kill_workers(signal.SIGQUIT, old_workers)
+        self.listeners.commit(bindings)
+        errorlog.retain_only(log_paths(config))
+        if config.main.pid != old_pid:
+            write_pid_file(config.main.pid)
+            self._remove_pid_file(old_pid)
+
+    def handle_quit(self):
+        if self.state == "stopping":
+            return
+        self.state = "quitting"
+        notify("STOPPING=1")
+        self.log.log("notice", "gracefully shutting down")
+        self.kill_workers(signal.SIGQUIT)
+        self.listeners.close_all()
+
+    def handle_term(self):
+        if self.state == "stopping":
+            return
+        self.state = "stopping"
+        notify("STOPPING=1")
+        self.kill_workers(signal.SIGTERM)
+        now = time.monotonic()
+        elapsed = 0.0
+        self.term_deadlines = []
+        for wait in TERM_WAITS:
+            elapsed += wait
+            self.term_deadlines.append(now + elapsed)
+
+    def handle_usr1(self):
+        self.log.log("notice", "reopening logs")
+        for failure in errorlog.reopen_all():
+            self.log.log("alert", failure)
+        user = self.config.main.user
+        if user is not None and os.geteuid() == 0:
+            import pwd
+
+            try:
+                entry = pwd.getpwnam(user[0])
+            except KeyError:
+                self.log.log("alert", 'getpwnam("%s") failed' % user[0])
+            else:
+                errorlog.chown_all(entry.pw_uid, -1)
+        self.kill_workers(signal.SIGUSR1)
+
+    def handle_ignored(self):
+        """USR2 (binary upgrade) and WINCH are nginx features mailproxy does not have."""
+
+    # -- pid file ----------------------------------------------------------------------------
+
+    def _remove_pid_file(self, path):
+        try:
+            with open(path) as handle:
+                if handle.read().strip() != str(os.getpid()):
+                    return
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.log.log("alert", 'unlink() "%s" failed %s' % (path, errorlog.os_error_text(exc)))
+
+
+def log_paths(config):
+    """Every log file the configuration names, at any level."""
+    paths = []
+    for targets in [config.main.error_log] + [server.error_log for server in config.servers]:
+        paths.extend(target for target, _ in targets if target != errorlog.STDERR)
+    return paths
+
+
+def write_pid_file(path):
+    """`<pid>\\n`, replaced whole so that a reader never sees a half-written number."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        with open(tmp, "w") as handle:
+            handle.write("%d\n" % os.getpid())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise errorlog.LogOpenError('open() "%s" failed %s' % (path, errorlog.os_error_text(exc)))
+
+
+def command_line():
+    return " ".join(sys.argv)

@@ -1,0 +1,373 @@
+"""A worker process: post-fork setup, accept loops, worker_connections, graceful drain.
+
+Imported only in the child after fork (see `boot`), so gevent's patching happens before anything else
+in the worker touches sockets, and the master itself stays a plain single-threaded process.
+
+Session API (what mailproxy.session sees as `worker`):
+  worker.log_for(server) -> ErrorLog          the server's error_log (shared open files)
+  worker.next_connection_number() -> int      nginx's *N, one counter for all workers
+  worker.draining -> bool                     True once QUIT arrived: finish, accept nothing new
+  worker.draining_past_timeout() -> bool      worker_shutdown_timeout has fired
+  worker.session_started(closer) -> token     from the handler's greenlet; `closer()` is called when
+                                              worker_shutdown_timeout fires (the session decides what
+                                              closing means in its phase, spec 7)
+  worker.session_finished(token)              the session is over (idempotent); may come from a
+                                              relay long after the handler returned
+A connection takes a worker_connections slot at accept. The slot passes to the token when the
+handler calls session_started and is freed by session_finished; a handler that never calls
+session_started frees it when its greenlet ends, and one that crashes finishes its tokens.
+"""
+
+import errno
+import importlib
+import os
+import resource
+import signal
+import traceback
+
+from mailproxy import log as errorlog
+from mailproxy.listeners import is_transient_accept_error
+
+DEFAULT_HANDLER = "mailproxy.session:handle"
+HANDLER_ENV = "MAILPROXY_SESSION_HANDLER"
+
+# Exit status of a worker that could not start; the master stops instead of respawning in a loop.
+WORKER_BOOT_ERROR = 3
+
+ACCEPT_BATCH = 64
+EMFILE_FIRST_DELAY = 0.01
+EMFILE_MAX_DELAY = 1.0
+
+WORKER_TITLE = "mailproxy: worker process"
+DRAINING_TITLE = "mailproxy: worker process is shutting down"
+
+
+class WorkerBootError(Exception):
+    """Setup failed in the child; str() is the message logged at emerg."""
+
+
+def resolve_handler(spec=None):
+    """`module:function`; the default is the real session, a missing one is a boot failure."""
+    spec = spec or os.environ.get(HANDLER_ENV) or DEFAULT_HANDLER
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr or "handle")
+    except (ImportError, AttributeError) as exc:
+        raise WorkerBootError("cannot load the session handler %s: %s" % (spec, exc)) from None
+
+
+class Worker:
+    def __init__(self, config, bindings, counter, log, handler):
+        import gevent.socket
+
+        self._gsocket = gevent.socket.socket
+        self.config = config
+        self.bindings = bindings
+        self.counter = counter
+        self.log = log
+        self.handler = handler
+        self.max_sessions = config.main.worker_connections
+        self.draining = False
+        self.active = 0  # connections holding a worker_connections slot
+        self.sessions = {}  # token -> (server, closer)
+        self._unclaimed = {}  # handler greenlet -> [server, tokens it started]
+        self._next_token = 0
+        self._shutdown_fired = False
+        self._logs = {}
+        self._watchers = []
+        self._accepting = False
+        self._emfile_delay = EMFILE_FIRST_DELAY
+        self._emfile_timer = None
+        self._fd_pause = False
+        self._full_logged = False
+        self._shutdown_timer = None
+        self._done = None
+
+    # -- what sessions call --------------------------------------------------------------------
+
+    def log_for(self, server):
+        targets = server.error_log or self.config.main.error_log
+        found = self._logs.get(targets)
+        if found is None:
+            found = self._logs[targets] = errorlog.ErrorLog(targets)
+        return found
+
+    def next_connection_number(self):
+        with self.counter.get_lock():
+            self.counter.value += 1
+            return self.counter.value
+
+    def session_started(self, closer):
+        import gevent
+
+        self._next_token += 1
+        token = self._next_token
+        entry = self._unclaimed.get(gevent.getcurrent())
+        if entry is not None and not entry[1]:
+            entry[1].append(token)  # the accept's slot now belongs to this token
+        else:
+            self.active += 1
+            if entry is not None:
+                entry[1].append(token)
+        self.sessions[token] = (entry[0] if entry else None, closer)
+        return token
+
+    def session_finished(self, token):
+        if self.sessions.pop(token, None) is not None:
+            self.active -= 1
+            self._slot_freed()
+
+    def draining_past_timeout(self):
+        return self._shutdown_fired
+
+    # -- accepting -------------------------------------------------------------------------------
+
+    def run(self):
+        import gevent
+        from gevent.event import Event
+
+        self._done = Event()
+        loop = gevent.get_hub().loop
+        for binding in self.bindings:
+            watcher = loop.io(binding.sock.fileno(), 1)
+            self._watchers.append((watcher, binding))
+        gevent.signal_handler(signal.SIGQUIT, self.handle_quit)
+        gevent.signal_handler(signal.SIGTERM, self.handle_term)
+        gevent.signal_handler(signal.SIGINT, self.handle_term)
+        gevent.signal_handler(signal.SIGUSR1, self.handle_usr1)
+        # Only now may queued signals arrive: every handler above is in place.
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        self._start_accepting()
+        self._done.wait()
+        self.log.log("notice", "exiting")
+
+    def _start_accepting(self):
+        if self._accepting or self.draining:
+            return
+        self._accepting = True
+        self._full_logged = False
+        for watcher, binding in self._watchers:
+            watcher.start(self._on_readable, binding)
+
+    def _stop_accepting(self):
+        self._accepting = False
+        for watcher, _ in self._watchers:
+            watcher.stop()
+
+    def _on_readable(self, binding):
+        for _ in range(ACCEPT_BATCH):
+            if self.active >= self.max_sessions:
+                if not self._full_logged:
+                    self.log.log("alert", "%d worker_connections are not enough" % self.max_sessions)
+                    self._full_logged = True
+                self._stop_accepting()
+                return
+            try:
+                fd, peer = binding.sock._accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._back_off(exc)
+                    return
+                if is_transient_accept_error(exc):
+                    continue
+                self.log.log("alert", "accept4() failed %s" % errorlog.os_error_text(exc))
+                return
+            self._emfile_delay = EMFILE_FIRST_DELAY
+            self._spawn(binding, fd, peer)
+
+    def _back_off(self, exc):
+        """Out of descriptors: wait before trying again; each failed try doubles the wait."""
+        import gevent
+
+        self.log.log("crit", "accept4() failed %s" % errorlog.os_error_text(exc))
+        self._stop_accepting()
+        delay = self._emfile_delay
+        self._emfile_delay = min(delay * 2, EMFILE_MAX_DELAY)
+        self._fd_pause = True
+        self._emfile_timer = gevent.get_hub().loop.timer(delay)
+        self._emfile_timer.start(self._retry_accept)
+
+    def _retry_accept(self):
+        self._fd_pause = False
+        self._start_accepting()
+
+    def _spawn(self, binding, fd, peer):
+        import gevent
+
+        sock = self._gsocket(binding.sock.family, binding.sock.type, 0, fileno=fd)
+        try:
+            listen, server = binding.route(sock.getsockname())
+        except OSError:
+            sock.close()  # reset before we looked at it
+            return
+        greenlet = gevent.Greenlet(self._serve, sock, peer, listen, server)
+        self._unclaimed[greenlet] = [server, []]
+        self.active += 1
+        greenlet.start()
+
+    def _serve(self, sock, peer, listen, server):
+        import gevent
+
+        crashed = False
+        try:
+            self.handler(sock, peer, listen, server, self)
+        except gevent.GreenletExit:
+            crashed = True
+            raise
+        except Exception as exc:
+            # A bug in one session must not take the others down: log it and drop this client.
+            crashed = True
+            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            self.log_for(server).log("alert", "session failed: %s" % detail)
+            self.log_for(server).log("debug", "".join(traceback.format_exc()))
+        finally:
+            _, tokens = self._unclaimed.pop(gevent.getcurrent())
+            if crashed or not tokens:
+                sock.close()  # nobody else owns it: no session took it over, or it crashed
+            if crashed:
+                for token in tokens:
+                    self.session_finished(token)
+            if not tokens:
+                self.active -= 1
+                self._slot_freed()
+
+    def _slot_freed(self):
+        if self.draining:
+            self._maybe_exit()
+        elif not self._accepting and not self._fd_pause:
+            self._start_accepting()
+
+    # -- signals -----------------------------------------------------------------------------------
+
+    def handle_quit(self):
+        if self.draining:
+            return
+        import gevent
+        from setproctitle import setproctitle
+
+        self.draining = True
+        self.log.log("notice", "gracefully shutting down")
+        setproctitle(DRAINING_TITLE)
+        self._stop_accepting()
+        if self._emfile_timer is not None:
+            self._emfile_timer.stop()
+        for binding in self.bindings:
+            binding.sock.close()
+        timeout = self.config.main.worker_shutdown_timeout
+        if timeout is not None and self.active:
+            self._shutdown_timer = gevent.spawn_later(timeout, self._shutdown_timeout)
+        self._maybe_exit()
+
+    def _shutdown_timeout(self):
+        """worker_shutdown_timeout: each session decides how to end in its phase (spec 7)."""
+        self._shutdown_fired = True
+        for server, closer in list(self.sessions.values()):
+            try:
+                closer()
+            except Exception as exc:
+                # One faulty closer must not keep the others open.
+                log = self.log_for(server) if server is not None else self.log
+                log.log("alert", "session closer failed: %s: %s" % (type(exc).__name__, exc))
+
+    def _maybe_exit(self):
+        if not self.active:
+            self._done.set()
+
+    def handle_term(self):
+        self.log.log("notice", "exiting")
+        os._exit(0)
+
+    def handle_usr1(self):
+        self.log.log("notice", "reopening logs")
+        for failure in errorlog.reopen_all():
+            self.log.log("alert", failure)
+
+
+def _drop_privileges(user):
+    import grp
+    import pwd
+
+    name, group = user
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise WorkerBootError('getpwnam("%s") failed' % name) from None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise WorkerBootError('getgrnam("%s") failed' % group) from None
+    try:
+        os.setgid(gid)
+        os.initgroups(name, gid)
+        os.setuid(entry.pw_uid)
+    except OSError as exc:
+        raise WorkerBootError("setuid(%d) failed %s" % (entry.pw_uid, errorlog.os_error_text(exc)))
+
+
+def _set_nofile(limit):
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    except (OSError, ValueError) as exc:
+        raise WorkerBootError("setrlimit(RLIMIT_NOFILE, %d) failed (%s)" % (limit, exc)) from None
+
+
+def _preload(hub):
+    """Load while still root what sessions would otherwise import on first use.
+
+    After `user` takes effect the worker may not be able to read the Python installation (a
+    virtualenv under /root, say), and a lazy import would then fail in the middle of a login.
+    """
+    import encodings.idna  # noqa: F401  (gevent encodes host names with it)
+    import ssl  # noqa: F401
+
+    hub.resolver  # the resolver and its thread pool are imported on first use
+    hub.threadpool
+
+
+def boot(config, bindings, foreign_fds, counter, handler=None, single=False):
+    """Run in the child right after fork (or in place with `master_process off`, `single`);
+    returns the exit status.
+
+    Order matters: limits and sockets need root; privileges go last before serving. A single
+    process keeps its user, as nginx's does: it must still remove its pid file and sockets.
+    """
+    log = errorlog.ErrorLog(config.main.error_log)
+    try:
+        for fd in foreign_fds:
+            os.close(fd)
+        for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGWINCH):
+            signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+        from gevent import monkey
+
+        monkey.patch_all()
+        import gevent
+        from setproctitle import setproctitle
+
+        gevent.reinit()
+        # The hub loads its event loop module lazily: load it, and the session code, while still
+        # root, since `user` may not be able to read the Python installation.
+        _preload(gevent.get_hub())
+        handler = handler if callable(handler) else resolve_handler(handler)
+        worker = Worker(config, bindings, counter, log, handler)
+        if config.main.worker_rlimit_nofile is not None:
+            _set_nofile(config.main.worker_rlimit_nofile)
+        if config.main.user is not None and os.geteuid() == 0 and not single:
+            _drop_privileges(config.main.user)
+        # Set last, so the title also tells that the worker finished booting.
+        setproctitle(WORKER_TITLE)
+    except WorkerBootError as exc:
+        log.log("emerg", str(exc))
+        return WORKER_BOOT_ERROR
+    except Exception as exc:
+        # Anything else before serving is as fatal: respawning would fail the same way.
+        log.log("emerg", "worker process failed to start: %s: %s" % (type(exc).__name__, exc))
+        return WORKER_BOOT_ERROR
+    worker.run()
+    return 0
+
