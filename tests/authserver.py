@@ -33,7 +33,13 @@ class RecordingAuthServer:
         return "127.0.0.1:%d/auth" % self.port
 
     def close(self):
+        # shutdown() wakes the thread blocked in accept(); close() alone leaves the port answering.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # never connected or already shut down: either way it no longer accepts
         self.listener.close()
+        self.thread.join(5)
 
     def _serve(self):
         while True:

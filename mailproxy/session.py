@@ -1,0 +1,436 @@
+"""One mail session: the only place where sockets meet the protocol machines.
+
+A greenlet runs ``handle`` from accept to the start of the relay: it greets the client, feeds its bytes
+to the protocol machine, carries out the machine's actions, asks the auth server, logs in to the backend
+and hands both sockets to the relay. Then the greenlet ends; the relay lives on io watchers alone, so an
+idle relayed session costs no greenlet stack.
+"""
+
+import errno
+import os
+import socket
+import time
+
+import gevent
+
+from mailproxy.auth_http import request as auth_request
+from mailproxy.auth_http.client import AuthHttpClient
+from mailproxy.auth_http.response import (
+    AuthError,
+    AuthFail,
+    AuthHttpError,
+    AuthOk,
+    AuthRetry,
+    decide,
+)
+from mailproxy.protocol import imap, pop3, smtp, sasl
+from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
+from mailproxy.upstream import imap as upstream_imap
+from mailproxy.upstream import pop3 as upstream_pop3
+from mailproxy.upstream import smtp as upstream_smtp
+from mailproxy.upstream.common import Failed, LoggedIn, LogPhase
+from mailproxy.upstream.proxy_protocol import header_v1, header_v2
+from mailproxy import relay
+
+_READ_SIZE = 16384
+
+
+class _ProtocolSpec:
+    """What differs between the three protocols at the session's level."""
+
+    def __init__(self, name, config_class, machine_class):
+        self.name = name
+        self.config_class = config_class
+        self.machine_class = machine_class
+
+
+PROTOCOLS = {
+    "imap": _ProtocolSpec("imap", imap.ImapConfig, imap.ImapMachine),
+    "pop3": _ProtocolSpec("pop3", pop3.Pop3Config, pop3.Pop3Machine),
+    "smtp": _ProtocolSpec("smtp", smtp.SmtpConfig, smtp.SmtpMachine),
+}
+
+# Wire bytes and auth clients are prepared once per server block, not per session.
+_configs = {}
+_auth_clients = {}
+
+
+def auth_client(server):
+    entry = _auth_clients.get(id(server))
+    if entry is None or entry[0] is not server:
+        entry = (server, AuthHttpClient(server))
+        _auth_clients[id(server)] = entry
+    return entry[1]
+
+
+def protocol_config(server):
+    config = _configs.get(id(server))
+    if config is None or config[0] is not server:
+        config = (server, PROTOCOLS[server.protocol].config_class.from_server(server))
+        _configs[id(server)] = config
+    return config[1]
+
+
+class SessionClosed(Exception):
+    """The session ends here; everything worth logging was logged."""
+
+
+def handle(sock, peer, listen, server, worker):
+    session = Session(sock, peer, listen, server, worker)
+    try:
+        session.run()
+    except SessionClosed:
+        pass
+    except gevent.GreenletExit:
+        raise
+    except Exception as exc:  # a bug must cost one session, never the worker
+        session.log("alert", "session failed: %s: %s" % (type(exc).__name__, exc))
+    finally:
+        session.release()
+
+
+class Session:
+    def __init__(self, sock, peer, listen, server, worker):
+        self.sock = sock
+        self.listen = listen
+        self.server = server
+        self.worker = worker
+        self.spec = PROTOCOLS[server.protocol]
+        self.error_log = worker.log_for(server)
+        self.number = worker.next_connection_number()
+        self.client_ip, self.client_port = _address_text(peer, listen)
+        self.action = None
+        self.login = b""
+        self.upstream = None
+        self.deadline = None
+        self.backend = None
+        self.handed_to_relay = False
+        self.tls = False
+        self.token = worker.session_started(self.close_now)
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def log(self, level, message):
+        if not self.error_log.enabled(level):
+            return
+        parts = [message]
+        if self.action:
+            parts.append(" while " + self.action)
+        parts.append(", client: %s, server: %s" % (self.client_ip, self.listen.text))
+        if self.login:
+            parts.append(', login: "%s"' % _log_text(self.login))
+        if self.upstream:
+            parts.append(", upstream: %s" % self.upstream)
+        self.error_log.log(level, "".join(parts), self.number)
+
+    # -- the pre-relay phase ---------------------------------------------------------------------
+
+    def run(self):
+        self.error_log.log(
+            "info",
+            "client %s connected to %s" % (_peer_text(self.client_ip, self.client_port), self.listen.text),
+            self.number,
+        )
+        config = self.config = protocol_config(self.server)
+        self.client_host = "[UNAVAILABLE]"
+        if self.server.protocol == "pop3":
+            salt = sasl.make_salt(self.server.server_name) if config.needs_salt else None
+            self.machine = self.spec.machine_class(config, tls=self.tls, salt=salt)
+        else:
+            self.machine = self.spec.machine_class(config, tls=self.tls)
+        self.action = "sending client greeting line"
+        if self.server.protocol == "smtp" and self.server.smtp_greeting_delay > 0:
+            self.delay_greeting()
+        self.arm_deadline()
+        self.execute(self.machine.greeting())
+        self.action = "in auth state"
+        while True:
+            self.execute(self.machine.receive_data(self.recv()))
+
+    def delay_greeting(self):
+        self.action = "in delay pipelining state"
+        self.sock.settimeout(self.server.smtp_greeting_delay)
+        try:
+            early = self.sock.recv(_READ_SIZE)
+        except socket.timeout:
+            self.action = "sending client greeting line"
+            return
+        except OSError as exc:
+            self.fail_socket("recv", exc)
+        if not early:
+            raise SessionClosed()
+        self.execute(self.machine.early_input(early))
+        raise SessionClosed()
+
+    def arm_deadline(self):
+        self.deadline = time.monotonic() + self.server.timeout
+
+    def recv(self):
+        remaining = self.deadline - time.monotonic() if self.deadline else None
+        if remaining is not None and remaining <= 0:
+            self.timed_out()
+        self.sock.settimeout(remaining)
+        try:
+            return self.sock.recv(_READ_SIZE)
+        except socket.timeout:
+            self.timed_out()
+        except OSError as exc:
+            self.fail_socket("recv", exc)
+
+    def timed_out(self):
+        self.log("info", "client timed out (110: Connection timed out)")
+        raise SessionClosed()
+
+    def fail_socket(self, call, exc):
+        self.log("info", "%s() failed (%d: %s)" % (call, exc.errno or 0, os.strerror(exc.errno or 0)))
+        raise SessionClosed()
+
+    def send(self, data):
+        self.sock.settimeout(self.server.timeout)
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            self.timed_out()
+        except OSError as exc:
+            self.fail_socket("send", exc)
+
+    def execute(self, actions):
+        for action in actions:
+            if isinstance(action, Send):
+                self.send(action.data)
+            elif isinstance(action, Log):
+                self.log(action.level, action.message)
+            elif isinstance(action, Close):
+                raise SessionClosed()
+            elif isinstance(action, Authenticate):
+                self.authenticate(action.request)
+            elif isinstance(action, StartTLS):
+                self.start_tls()
+            else:
+                raise TypeError("unknown action %r" % (action,))
+
+    def start_tls(self):
+        # Until the TLS layer lands, a machine configured without certificates never asks for it.
+        self.log("error", "STARTTLS requested but TLS is not available in this build")
+        raise SessionClosed()
+
+    # -- auth_http -------------------------------------------------------------------------------
+
+    def authenticate(self, attempt):
+        self.deadline = None
+        self.login = attempt.login
+        self.action = "in http auth state"
+        request = auth_request.build(
+            self.server,
+            attempt,
+            self.server.protocol,
+            self.client_ip,
+            client_host=self.client_host if self.server.protocol == "smtp" else None,
+        )
+        client = auth_client(self.server)
+        while True:
+            try:
+                reply = client.ask(request)
+                outcome = decide(reply, self.server.protocol, attempt.method, has_password=True)
+            except AuthHttpError as exc:
+                self.log("error", str(exc))
+                self.internal_error()
+            if isinstance(outcome, AuthRetry):
+                gevent.sleep(outcome.wait)
+                continue
+            break
+        if isinstance(outcome, AuthError):
+            self.log("error", outcome.log_message)
+            self.internal_error()
+        if isinstance(outcome, AuthFail):
+            if outcome.wait:
+                gevent.sleep(outcome.wait)
+            self.action = "in auth state"
+            actions = self.machine.auth_failed(
+                outcome.text,
+                wait=bool(outcome.wait),
+                error_code=outcome.error_code,
+                sasl_error=outcome.sasl_error,
+            )
+            if outcome.wait:
+                self.arm_deadline()
+            self.execute(actions)
+            return
+        self.proxy(attempt, outcome)
+
+    def internal_error(self):
+        self.send(self.config.internal_error)
+        raise SessionClosed()
+
+    # -- the backend login -----------------------------------------------------------------------
+
+    def proxy(self, attempt, ok):
+        self.upstream = ok.upstream_text
+        if ok.login is not None:
+            self.login = ok.login
+        login, password = self.login, ok.password if ok.password is not None else attempt.password
+        self.action = "connecting to upstream"
+        deadline = time.monotonic() + self.server.timeout
+        try:
+            self.backend = socket.create_connection((ok.addr, ok.port), timeout=self.server.timeout)
+        except socket.timeout:
+            self.log("info", "upstream timed out (110: Connection timed out)")
+            self.internal_error()
+        except OSError as exc:
+            self.log(
+                "error",
+                "connect() to %s failed (%d: %s)" % (self.upstream, exc.errno or 0, os.strerror(exc.errno or 0)),
+            )
+            self.internal_error()
+        self.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.server.proxy_protocol != "off":
+            self.action = "sending PROXY protocol header to upstream"
+            self.send_backend(self.proxy_header(), deadline)
+        upstream = self.upstream_login(attempt, login, password)
+        self.action = "reading response from upstream"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.upstream_timed_out()
+            self.backend.settimeout(remaining)
+            try:
+                data = self.backend.recv(_READ_SIZE)
+            except socket.timeout:
+                self.upstream_timed_out()
+            except OSError as exc:
+                self.log("error", "recv() failed (%d: %s)" % (exc.errno or 0, os.strerror(exc.errno or 0)))
+                self.internal_error()
+            for action in upstream.receive_data(data):
+                if isinstance(action, Send):
+                    self.send_backend(action.data, deadline)
+                elif isinstance(action, LogPhase):
+                    self.action = action.action
+                elif isinstance(action, Failed):
+                    self.log(action.level, action.log_message)
+                    if action.client_reply is None:
+                        self.internal_error()
+                    self.send(action.client_reply)
+                    raise SessionClosed()
+                elif isinstance(action, LoggedIn):
+                    self.start_relay(action)
+                    return
+
+    def upstream_login(self, attempt, login, password):
+        buffer = self.server.proxy_buffer
+        passes = self.server.proxy_pass_error_message
+        if self.server.protocol == "imap":
+            return upstream_imap.ImapUpstreamLogin(
+                login=login, password=password, tag=attempt.tag,
+                proxy_buffer=buffer, pass_error_message=passes,
+            )
+        if self.server.protocol == "pop3":
+            return upstream_pop3.Pop3UpstreamLogin(
+                login=login, password=password, proxy_buffer=buffer, pass_error_message=passes,
+            )
+        return upstream_smtp.SmtpUpstreamLogin(
+            server_name=self.server.server_name, login=login, password=password,
+            method=attempt.method, helo=attempt.helo, esmtp=attempt.esmtp,
+            mail_from=attempt.mail_from, rcpt_to=attempt.rcpt_to,
+            client_addr=self.client_ip, client_host=self.client_host,
+            xclient=self.server.xclient, smtp_auth=self.server.proxy_smtp_auth,
+            proxy_buffer=buffer, pass_error_message=passes,
+        )
+
+    def proxy_header(self):
+        local = self.sock.getsockname()
+        family = self.sock.family
+        build = header_v2 if self.server.proxy_protocol == "v2" else header_v1
+        if family == socket.AF_UNIX:
+            return build(None, None, None, None, family)
+        return build(self.client_ip, self.client_port, local[0], local[1], family)
+
+    def send_backend(self, data, deadline):
+        self.backend.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            self.backend.sendall(data)
+        except socket.timeout:
+            self.upstream_timed_out()
+        except OSError as exc:
+            self.log("error", "send() failed (%d: %s)" % (exc.errno or 0, os.strerror(exc.errno or 0)))
+            self.internal_error()
+
+    def upstream_timed_out(self):
+        self.log("info", "upstream timed out (110: Connection timed out)")
+        self.internal_error()
+
+    # -- the relay -------------------------------------------------------------------------------
+
+    def start_relay(self, logged_in):
+        self.send(logged_in.client_reply)
+        self.action = None
+        self.log("info", "client logged in")
+        if self.worker.draining_past_timeout():
+            # nginx closes a session that reaches the relay after worker_shutdown_timeout fired.
+            raise SessionClosed()
+        self.sock.settimeout(None)
+        self.backend.settimeout(None)
+        self.relay = relay.start(
+            self.sock,
+            self.backend,
+            client_pending=self.machine.trailing_data(),
+            backend_pending=logged_in.backend_pending,
+            proxy_timeout=self.server.proxy_timeout,
+            proxy_buffer=self.server.proxy_buffer,
+            client_buffer=getattr(self.server, "%s_client_buffer" % self.server.protocol),
+            tls=self.tls,
+            on_close=self.relay_closed,
+        )
+        self.handed_to_relay = True
+
+    def relay_closed(self, result):
+        self.action = None
+        if result.reason == "timed out":
+            self.log("info", "client timed out (110: Connection timed out)")
+        elif result.reason == "shutdown":
+            self.log("info", "shutdown timeout")
+        elif result.reason in ("client closed", "backend closed"):
+            self.log(
+                "info",
+                "proxied session done, bytes from client: %d, to client: %d"
+                % (result.client_to_backend, result.backend_to_client),
+            )
+        else:
+            self.log("info", result.reason)
+        self.worker.session_finished(self.token)
+
+    def close_now(self):
+        """Called by the worker when worker_shutdown_timeout fires."""
+        if self.handed_to_relay:
+            self.relay.close_now()
+
+    def release(self):
+        if self.handed_to_relay:
+            return
+        for conn in (self.sock, self.backend):
+            if conn is not None:
+                try:
+                    conn.close()
+                except OSError as exc:
+                    if exc.errno != errno.EBADF:
+                        raise
+        self.worker.session_finished(self.token)
+
+
+def _address_text(peer, listen):
+    if listen.family == socket.AF_UNIX:
+        return "unix:", 0
+    return peer[0], peer[1]
+
+
+def _peer_text(ip, port):
+    if ip == "unix:":
+        return ip
+    if ":" in ip:
+        return "[%s]:%d" % (ip, port)
+    return "%s:%d" % (ip, port)
+
+
+def _log_text(value: bytes) -> str:
+    from mailproxy.protocol.common import escape_for_log
+
+    return escape_for_log(value)
