@@ -131,8 +131,15 @@ class Session:
             "client %s connected to %s" % (_peer_text(self.client_ip, self.client_port), self.listen.text),
             self.number,
         )
+        self.arm_deadline()
+        if self.listen.proxy_protocol:
+            self.read_proxy_protocol()
+        if self.listen.ssl:
+            self.handshake()
         config = self.config = protocol_config(self.server)
         self.client_host = "[UNAVAILABLE]"
+        if self.server.protocol == "smtp":
+            self.client_host = self.resolve_client_host()
         if self.server.protocol == "pop3":
             salt = sasl.make_salt(self.server.server_name) if config.needs_salt else None
             self.machine = self.spec.machine_class(config, tls=self.tls, salt=salt)
@@ -209,10 +216,26 @@ class Session:
             else:
                 raise TypeError("unknown action %r" % (action,))
 
-    def start_tls(self):
-        # Until the TLS layer lands, a machine configured without certificates never asks for it.
-        self.log("error", "STARTTLS requested but TLS is not available in this build")
+    # -- hooks filled by the edge modules (PROXY protocol, TLS, resolver) --------------------------
+
+    def read_proxy_protocol(self):
+        """listen ... proxy_protocol: read the header, apply set_real_ip_from (spec 2.0.10)."""
+        self.log("error", "proxy_protocol is not supported yet")
         raise SessionClosed()
+
+    def handshake(self):
+        """listen ... ssl: the TLS handshake before the greeting (spec 2.0.1)."""
+        self.log("error", "ssl is not supported yet")
+        raise SessionClosed()
+
+    def start_tls(self):
+        """STARTTLS/STLS accepted by the machine: handshake, then machine.tls_established()."""
+        self.log("error", "STARTTLS is not supported yet")
+        raise SessionClosed()
+
+    def resolve_client_host(self):
+        """SMTP's Client-Host and XCLIENT NAME (spec 5)."""
+        return "[UNAVAILABLE]"
 
     # -- auth_http -------------------------------------------------------------------------------
 
