@@ -201,14 +201,14 @@ def _literal(window: bytes, index: int, result: Parsed, limit: int):
     if window[index] != LF:
         raise _Bad(index)
     data_start = index + 1
-    # The literal and at least the LF ending the command must fit: decide now, allocate nothing.
-    if data_start + size + 1 > limit:
-        result.kind = Kind.TOO_LONG
-        result.end = data_start
-        return result
     if sync:
         result.sync_literals += 1
     data_end = data_start + size
+    if data_end + 1 > limit:
+        # Cannot fit, but nginx still says "+ OK" and ends it as "too long" once the buffer is full;
+        # the buffer is bounded, so waiting costs nothing.
+        result.wait_for = limit
+        return -1
     if data_end > length:
         result.wait_for = data_end
         return -1
