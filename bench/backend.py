@@ -1,0 +1,139 @@
+"""The bench's IMAP backend: just enough IMAP to be logged in to, streamed from and written to, fast.
+
+    python -m bench.backend            # prints "listening PORT" once it accepts, then serves forever
+
+It must never be the bottleneck, so it speaks only what the scenarios need and the harness measures it
+directly (the "ceiling" rows): greeting ``* OK ready``; ``LOGIN`` with atoms or literals (``{n}`` gets a
+``+`` continuation, ``{n+}`` does not), as nginx and mailproxy log in with literals; ``STREAM n`` answers
+n payload bytes then ``tag OK``; ``SINK n`` answers ``+ go``, swallows exactly n bytes, then ``tag OK``
+(a byte count rather than a terminator, so the sink never scans the payload); ``NOOP``; ``LOGOUT``.
+"""
+
+import re
+import sys
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import resource  # noqa: E402
+
+from gevent.server import StreamServer  # noqa: E402
+
+CHUNK = memoryview(b"x" * (1 << 20))
+LITERAL = re.compile(rb"\{(\d+)(\+?)\}$")
+
+
+class Conn:
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def line(self):
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[: end + 2]
+                return line
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.buf += data
+
+    def exact(self, n):
+        while len(self.buf) < n:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.buf += data
+        taken = bytes(self.buf[:n])
+        del self.buf[:n]
+        return taken
+
+    def command(self):
+        """One command with its literals folded in, answering each synchronizing literal with '+'."""
+        parts = []
+        while True:
+            line = self.line()
+            if line is None:
+                return None
+            literal = LITERAL.search(line)
+            if not literal:
+                parts.append(line)
+                return b"".join(parts)
+            parts.append(line[: literal.start()])
+            if not literal.group(2):
+                self.sock.sendall(b"+ OK\r\n")
+            value = self.exact(int(literal.group(1)))
+            if value is None:
+                return None
+            parts.append(value)
+
+    def sink(self, n):
+        # Bytes already buffered behind the command count first; the rest are read into one scratch
+        # buffer so that swallowing a GiB allocates nothing per read.
+        taken = min(n, len(self.buf))
+        del self.buf[:taken]
+        left = n - taken
+        scratch = bytearray(1 << 20)
+        view = memoryview(scratch)
+        while left:
+            got = self.sock.recv_into(view[: min(left, len(scratch))])
+            if not got:
+                return False
+            left -= got
+        return True
+
+    def stream(self, n):
+        while n:
+            piece = CHUNK[: min(n, len(CHUNK))]
+            self.sock.sendall(piece)
+            n -= len(piece)
+
+
+def handle(sock, _address):
+    conn = Conn(sock)
+    try:
+        sock.sendall(b"* OK ready\r\n")
+        while True:
+            command = conn.command()
+            if command is None:
+                return
+            tag, _, rest = command.partition(b" ")
+            verb, _, arg = rest.partition(b" ")
+            verb = verb.upper()
+            if verb == b"LOGIN":
+                sock.sendall(tag + b" OK LOGIN done\r\n")
+            elif verb == b"STREAM":
+                conn.stream(int(arg))
+                sock.sendall(tag + b" OK\r\n")
+            elif verb == b"SINK":
+                sock.sendall(b"+ go\r\n")
+                if not conn.sink(int(arg)):
+                    return
+                sock.sendall(tag + b" OK\r\n")
+            elif verb == b"LOGOUT":
+                sock.sendall(b"* BYE\r\n" + tag + b" OK\r\n")
+                return
+            elif verb == b"NOOP":
+                sock.sendall(tag + b" OK\r\n")
+            else:
+                sock.sendall(tag + b" BAD\r\n")
+    except ConnectionError:
+        return  # a client that resets mid-stream (a killed load process) is not the backend's failure
+    finally:
+        sock.close()
+
+
+def main():
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    server = StreamServer(("127.0.0.1", 0), handle, backlog=4096)
+    server.start()
+    print("listening %d" % server.address[1], flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

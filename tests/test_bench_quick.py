@@ -1,0 +1,33 @@
+"""The benchmark harness end to end in quick mode: both engines measured, the table written (issue 15)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NGINX_READY = os.path.exists("/usr/sbin/nginx") and os.path.exists(
+    "/usr/lib/nginx/modules/ngx_mail_module.so")
+
+
+@pytest.mark.skipif(not NGINX_READY and os.geteuid() != 0, reason="needs Debian's nginx mail module")
+def test_quick_mode_writes_both_engines_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for metric in ("login c=1", "login c=50", "relay 1 stream down", "CPU-s per GiB relayed",
+                   "memory per idle session"):
+        cells = [cell.strip() for cell in rows[metric].split("|")[1:-1]]
+        nginx, mailproxy, ratio = cells[2], cells[3], cells[4]
+        assert nginx != "–" and mailproxy != "–" and ratio.endswith("x"), rows[metric]
+    assert rows["idle sessions held"].split("|")[3].strip() == "500"
+    assert rows["idle sessions held"].split("|")[4].strip() == "500"
+    for picture in ("login_rate.png", "relay_throughput.png", "ratios.png"):
+        assert (tmp_path / picture).stat().st_size > 0
+    # Everything the harness started is gone: no engine of ours still holds a port in the temp prefix.
+    leftovers = subprocess.run(["pgrep", "-f", "bench-(nginx|mailproxy)-"], capture_output=True, text=True)
+    assert leftovers.stdout == "", leftovers.stdout
