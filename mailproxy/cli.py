@@ -89,6 +89,24 @@ def load(opts, warn=False):
     return config
 
 
+def with_tls(config):
+    """TLS contexts are made in the master before fork, so workers share session ticket keys; raises
+    ConfigError for a bad certificate, which a reload logs and survives."""
+    from mailproxy import tls
+
+    tls.prepare(config)
+    return config
+
+
+def prepare_tls(config):
+    from mailproxy.conf import ConfigError
+
+    try:
+        return with_tls(config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
 def version_lines(build):
     lines = ["mailproxy version: mailproxy/%s" % mailproxy.__version__]
     if build:
@@ -200,6 +218,7 @@ def check_session_module():
 
 def start(opts):
     config = load(opts, warn=True)
+    prepare_tls(config)
     check_session_module()
     pid = running_master(config.main.pid)
     if pid is not None:
@@ -217,7 +236,7 @@ def start(opts):
     from mailproxy.conf import load_config
 
     path, prefix, directives = conf_location(opts)
-    master = Master(config, listener_set, bindings, lambda: load_config(path, prefix, directives),
+    master = Master(config, listener_set, bindings, lambda: with_tls(load_config(path, prefix, directives)),
                     command_line())
     if config.main.daemon:
         daemonize(master)

@@ -334,6 +334,10 @@ def check(path, prefix=None, directives=None, dump=False, out=sys.stdout, err=sy
     shown = os.path.abspath(path)
     try:
         config = load_config(path, prefix, directives)
+        # Certificates and keys are read here, not in load_config, so that -t reports bad files.
+        from mailproxy import tls
+
+        tls.prepare(config)
     except ConfigError as exc:
         for warning in getattr(exc, "warnings", ()):
             _say(err, "%s: %s" % (NAME, warning))

@@ -85,8 +85,8 @@ class SmtpConfig:
     auth_ok: bytes = AUTH_OK
     internal_error: bytes = INTERNAL_ERROR
     pipelining_rejected: bytes = b"503 5.5.0 Improper use of SMTP command pipelining\r\n"
-    cert_error: bytes = b"421 4.7.1 SSL certificate error\r\n"
-    no_cert: bytes = b"421 4.7.1 No required SSL certificate\r\n"
+    ssl_cert_error: bytes = b"421 4.7.1 SSL certificate error\r\n"
+    ssl_no_cert: bytes = b"421 4.7.1 No required SSL certificate\r\n"
     invalid: bytes = INVALID
 
     @classmethod
