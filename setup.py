@@ -49,8 +49,8 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_loud},
     python_requires=">=3.9",
-    install_requires=["gevent>=22", "requests", "setproctitle", "geventhttpclient"],
-    extras_require={"test": ["pytest", "hypothesis", "trustme", "dnspython"]},
+    install_requires=["gevent>=22", "requests", "setproctitle", "dnspython>=2.3"],
+    extras_require={"test": ["pytest", "hypothesis", "trustme", "dnspython"], "bench": ["matplotlib", "geventhttpclient"]},
     entry_points={
         "console_scripts": [
             "mailproxy-master=mailproxy.cli:main",
