@@ -9,9 +9,11 @@ idle relayed session costs no greenlet stack.
 import errno
 import os
 import socket
+import ssl
 import time
 
 import gevent
+from gevent import ssl as gevent_ssl
 
 from mailproxy.auth_http import request as auth_request
 from mailproxy.auth_http.client import AuthHttpClient
@@ -24,13 +26,13 @@ from mailproxy.auth_http.response import (
     decide,
 )
 from mailproxy.protocol import imap, pop3, smtp, sasl
-from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
+from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS, escape_for_log
 from mailproxy.upstream import imap as upstream_imap
 from mailproxy.upstream import pop3 as upstream_pop3
 from mailproxy.upstream import smtp as upstream_smtp
 from mailproxy.upstream.common import Failed, LoggedIn, LogPhase
 from mailproxy.upstream.proxy_protocol import header_v1, header_v2
-from mailproxy import relay
+from mailproxy import proxy_protocol, relay, resolver, tls
 
 _READ_SIZE = 16384
 
@@ -106,6 +108,9 @@ class Session:
         self.backend = None
         self.handed_to_relay = False
         self.tls = False
+        self.starttls = False  # nginx tags the session's log lines "using starttls" from STARTTLS on
+        self.ssl_info = None
+        self.proxy_protocol_info = None
         self.token = worker.session_started(self.close_now)
 
     # -- logging ---------------------------------------------------------------------------------
@@ -116,10 +121,12 @@ class Session:
         parts = [message]
         if self.action:
             parts.append(" while " + self.action)
-        parts.append(", client: %s, server: %s" % (self.client_ip, self.listen.text))
+        starttls = " using starttls" if self.starttls else ""
+        parts.append(", client: %s%s, server: %s" % (self.client_ip, starttls, self.listen.text))
         if self.login:
-            parts.append(', login: "%s"' % _log_text(self.login))
-        if self.upstream:
+            parts.append(', login: "%s"' % escape_for_log(self.login))
+        # nginx stops at an empty login: SMTP relay sessions (method none) never show their upstream.
+        if self.login and self.upstream:
             parts.append(", upstream: %s" % self.upstream)
         self.error_log.log(level, "".join(parts), self.number)
 
@@ -220,22 +227,98 @@ class Session:
 
     def read_proxy_protocol(self):
         """listen ... proxy_protocol: read the header, apply set_real_ip_from (spec 2.0.10)."""
-        self.log("error", "proxy_protocol is not supported yet")
-        raise SessionClosed()
+        self.action = "reading PROXY protocol"
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.timed_out()
+        self.sock.settimeout(remaining)
+        try:
+            # One peek, as nginx: a header split across segments is refused rather than waited for,
+            # and nothing past the header leaves the kernel buffer before the machine wants it.
+            peeked = self.sock.recv(proxy_protocol.PEEK_SIZE, socket.MSG_PEEK)
+        except socket.timeout:
+            self.timed_out()
+        except OSError as exc:
+            self.fail_socket("recv", exc)
+        try:
+            header, consumed = proxy_protocol.parse(peeked)
+        except proxy_protocol.BrokenHeader as exc:
+            self.log("error", exc.log_message)
+            raise SessionClosed()
+        while consumed:
+            try:
+                chunk = self.sock.recv(consumed)
+            except OSError as exc:
+                self.fail_socket("recv", exc)
+            if not chunk:
+                raise SessionClosed()
+            consumed -= len(chunk)
+        self.proxy_protocol_info = header
+        networks = self.server.set_real_ip_from
+        if header.src_addr is not None and networks and proxy_protocol.trusted(self.client_ip, networks):
+            self.client_ip, self.client_port = header.src_addr, header.src_port
+        self.action = None
 
     def handshake(self):
         """listen ... ssl: the TLS handshake before the greeting (spec 2.0.1)."""
-        self.log("error", "ssl is not supported yet")
-        raise SessionClosed()
+        self.tls_handshake()
+        self.action = None
 
     def start_tls(self):
         """STARTTLS/STLS accepted by the machine: handshake, then machine.tls_established()."""
-        self.log("error", "STARTTLS is not supported yet")
-        raise SessionClosed()
+        # From here on nginx tags every log line of the session, even a failed handshake's.
+        self.starttls = True
+        action = self.action
+        self.tls_handshake()
+        self.action = action
+        self.execute(self.machine.tls_established())
+
+    def tls_handshake(self):
+        """The handshake under the session deadline, then the client-certificate check (spec 2.0.9)."""
+        self.action = "SSL handshaking"
+        remaining = self.deadline - time.monotonic() if self.deadline else self.server.timeout
+        if remaining <= 0:
+            raise SessionClosed()  # a handshake that times out closes silently (spec 2.0.6)
+        self.sock.settimeout(remaining)
+        # The SSL socket takes over the descriptor: from here self.sock must be the only owner.
+        self.sock = gevent_ssl.SSLSocket(
+            sock=self.sock, server_side=True, do_handshake_on_connect=False, _context=tls.context_for(self.server),
+        )
+        try:
+            self.sock.do_handshake()
+        except socket.timeout:
+            raise SessionClosed()
+        except ssl.SSLError as exc:
+            if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                self.log("info", "peer closed connection in SSL handshake")
+            else:
+                self.log("info", "SSL_do_handshake() failed (SSL: %s)" % tls.ssl_error_text(exc))
+            raise SessionClosed()
+        except OSError as exc:
+            self.fail_socket("recv", exc)
+        self.tls = True
+        verdict = tls.client_verdict(self.sock, self.server)
+        if not verdict.ok:
+            config = protocol_config(self.server)
+            reply = config.ssl_no_cert if verdict.reply == "no_cert" else config.ssl_cert_error
+            self.log("info", verdict.message)
+            self.send(reply)
+            raise SessionClosed()
+        self.ssl_info = tls.session_info(self.sock, self.server)
 
     def resolve_client_host(self):
-        """SMTP's Client-Host and XCLIENT NAME (spec 5)."""
-        return "[UNAVAILABLE]"
+        """SMTP's Client-Host and XCLIENT NAME (spec 5); runs before the greeting, the client unread."""
+        if not self.server.resolver:
+            return resolver.UNAVAILABLE
+        if self.client_ip == "unix:":
+            return resolver.TEMPUNAVAIL
+
+        def log(action, level, message):
+            self.action = action
+            self.log(level, message)
+
+        self.action = resolver.ADDRESS_ACTION
+        return resolver.client_host(resolver.for_server(self.server), self.client_ip, log)
 
     # -- auth_http -------------------------------------------------------------------------------
 
@@ -249,6 +332,8 @@ class Session:
             self.server.protocol,
             self.client_ip,
             client_host=self.client_host if self.server.protocol == "smtp" else None,
+            proxy_protocol=self.proxy_protocol_info,
+            ssl=self.ssl_info,
         )
         client = auth_client(self.server)
         while True:
@@ -268,13 +353,16 @@ class Session:
         if isinstance(outcome, AuthFail):
             if outcome.wait:
                 gevent.sleep(outcome.wait)
-            self.action = "in auth state"
             actions = self.machine.auth_failed(
                 outcome.text,
                 wait=bool(outcome.wait),
                 error_code=outcome.error_code,
                 sasl_error=outcome.sasl_error,
             )
+            # nginx logs the verdict ("client login failed") while still in the http auth state.
+            while actions and isinstance(actions[0], Log):
+                self.execute([actions.pop(0)])
+            self.action = "in auth state"
             if outcome.wait:
                 self.arm_deadline()
             self.execute(actions)
@@ -404,6 +492,9 @@ class Session:
             on_close=self.relay_closed,
         )
         self.handed_to_relay = True
+        # The greenlet's part ends here; were it to return into the command loop it would read the
+        # client's next bytes itself (a TLS socket still reads) and steal them from the relay.
+        raise SessionClosed()
 
     def relay_closed(self, result):
         self.action = None
@@ -453,7 +544,3 @@ def _peer_text(ip, port):
     return "%s:%d" % (ip, port)
 
 
-def _log_text(value: bytes) -> str:
-    from mailproxy.protocol.common import escape_for_log
-
-    return escape_for_log(value)
