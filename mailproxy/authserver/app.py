@@ -9,20 +9,34 @@ disk (checked at most once a second) or on SIGHUP; a broken file keeps the last 
 
 Usage: mailproxy-auth --users FILE [--listen 127.0.0.1:9000] [--max-failures 10] [--lockout 300]
                       [--wait 3] [--access-log FILE|-]
+                      [--jwt-key FILE [--jwt-algorithms HS256] [--jwt-audience AUD] [--jwt-issuer ISS]]
+                      [--introspection-url URL [--introspection-auth USER:PASS]] [--jwt-user-claim sub]
+
+With --jwt-key or --introspection-url, XOAUTH2 and OAUTHBEARER logins carry an OAuth 2.0 bearer token
+(tokens.py): the token's user claim names a user of the users file, whose backend and (for {PLAIN}
+users) clear-text password are sent back as Auth-User/Auth-Pass, because the backend knows passwords,
+not tokens. A refused token gets RFC 7628's error JSON in Auth-Error-SASL.
 """
 
 import argparse
+import base64
+import json
 import os
 import signal
 import sys
 import time
 import urllib.parse
 
+from mailproxy.authserver import tokens
 from mailproxy.authserver.users import Directory, UsersFileError, parse
 
 INVALID = "Invalid login or password"
 LOCKED = "Too many invalid logins, try again later"
 UNROUTED = "Temporary server problem, try again later"
+INVALID_TOKEN = "invalid token"
+OAUTH_METHODS = ("xoauth2", "oauthbearer")
+# RFC 7628 3.2.2: the server's error, sent to the client as the challenge of the SASL error exchange.
+BEARER_ERROR = base64.b64encode(json.dumps({"status": "401", "schemes": "bearer"}, separators=(",", ":")).encode()).decode()
 
 
 class FailureCounter:
@@ -87,7 +101,8 @@ class UsersFile:
 class AuthApp:
     """The WSGI application: one auth_http request in, one header block out."""
 
-    def __init__(self, users: UsersFile, failures: FailureCounter, wait: int, access_log=None):
+    def __init__(self, users: UsersFile, failures: FailureCounter, wait: int, access_log=None, tokens=None):
+        self.tokens = tokens  # tokens.TokenChecker, or None: then a bearer token is checked as a password
         self.users = users
         self.failures = failures
         self.wait = wait
@@ -123,6 +138,8 @@ class AuthApp:
         if self.failures.locked(client):
             return "locked", [("Auth-Status", LOCKED)]
         directory = self.users.current()
+        if method in OAUTH_METHODS and self.tokens is not None:
+            return self.decide_token(login, password, protocol, client, directory)
         if method == "none":
             target = directory.backend(login, protocol)
             if target is None:
@@ -140,6 +157,39 @@ class AuthApp:
         self.failures.succeeded(client)
         reply = _ok(target)
         if method in ("apop", "cram-md5"):
+            reply.append(("Auth-Pass", user.clear_text))
+        return "ok", reply
+
+
+    def decide_token(self, login, token, protocol, client, directory):
+        try:
+            subject = self.tokens.user(token.decode("latin-1"))
+            reason = None
+        except tokens.TokenUnavailable as exc:
+            _warn(str(exc))
+            return "unavailable", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
+        except tokens.TokenRefused as exc:
+            subject, reason = None, str(exc)
+        user = directory.users.get(subject) if subject else None
+        if subject and user is None:
+            reason = "%r is not in the users file" % subject
+        elif user is not None and login and login.casefold() != subject.casefold():
+            # The client named someone else (authzid / user=) than the token speaks for.
+            reason = "token is for %r, not %r" % (subject, login)
+        if reason is not None:
+            self.failures.failed(client)
+            if self.failures.locked(client):
+                return "locked", [("Auth-Status", LOCKED)]
+            return "invalid token: %s" % reason, [
+                ("Auth-Status", INVALID_TOKEN), ("Auth-Wait", str(self.wait)), ("Auth-Error-SASL", BEARER_ERROR)]
+        target = directory.backend(subject, protocol)
+        if target is None:
+            return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
+        self.failures.succeeded(client)
+        reply = _ok(target) + [("Auth-User", subject)]
+        if user.clear_text is not None:
+            # Without Auth-Pass the proxy hands the token itself to the backend, which then must take it
+            # (Dovecot's oauth2 passdb, or a master login): hashed users cannot be logged in otherwise.
             reply.append(("Auth-Pass", user.clear_text))
         return "ok", reply
 
@@ -175,6 +225,17 @@ def main(argv=None):
     parser.add_argument("--lockout", type=int, default=300, help="seconds a lock-out lasts")
     parser.add_argument("--wait", type=int, default=3, help="Auth-Wait seconds after a failure")
     parser.add_argument("--access-log", default="-", help="file for one line a request, - for stdout")
+    oauth = parser.add_argument_group("OAuth 2.0 bearer tokens (XOAUTH2, OAUTHBEARER)")
+    oauth.add_argument("--jwt-key", help="HS* shared secret file, or the issuer's PEM public key (RS*/ES*)")
+    oauth.add_argument("--jwt-algorithms", default="HS256", help="accepted algorithms, comma-separated")
+    oauth.add_argument("--jwt-audience", help="required aud claim")
+    oauth.add_argument("--jwt-issuer", help="required iss claim")
+    oauth.add_argument("--jwt-leeway", type=int, default=0, help="seconds of clock skew allowed on exp/nbf")
+    oauth.add_argument("--jwt-user-claim", "--user-claim", default="sub",
+                       help="claim naming the user in the users file (JWT and introspection), e.g. email")
+    oauth.add_argument("--introspection-url", help="RFC 7662 introspection endpoint")
+    oauth.add_argument("--introspection-auth", help="USER:PASS for the introspection endpoint (HTTP Basic)")
+    oauth.add_argument("--introspection-cache", type=float, default=60.0, help="seconds an answer is reused")
     args = parser.parse_args(argv)
     from gevent import monkey
 
@@ -186,7 +247,11 @@ def main(argv=None):
     except (OSError, UsersFileError) as exc:
         sys.exit("mailproxy-auth: %s" % exc)
     access_log = sys.stdout if args.access_log == "-" else open(args.access_log, "a")
-    app = AuthApp(users, FailureCounter(args.max_failures, args.lockout), args.wait, access_log)
+    try:
+        checker = tokens.from_arguments(args)
+    except (OSError, ValueError) as exc:
+        sys.exit("mailproxy-auth: %s" % exc)
+    app = AuthApp(users, FailureCounter(args.max_failures, args.lockout), args.wait, access_log, checker)
     signal.signal(signal.SIGHUP, lambda *_: users.reload())
     if args.listen.startswith("unix:"):
         import gevent.socket
