@@ -1,0 +1,537 @@
+"""The client side of a ManageSieve session (RFC 5804) before login, as a sans-IO machine.
+
+Same contract as the IMAP machine (docs/internals.md): bytes in, actions out, one input buffer bounded by
+``sieve_client_buffer``, one command at a time, nothing read while an ``Authenticate`` is pending. The
+nginx rules of spec 2.0 apply as they do to IMAP: ``timeout`` from the greeting (the session's), parse
+errors counted against ``max_errors``, rejections not counted, ``max_commands`` (9.8), too-long input
+closes.
+
+ManageSieve differs from IMAP where it shows: there are no tags; the greeting *is* the capability
+response (the proxy has to speak before it knows the backend, so the SIEVE extensions come from
+``sieve_capabilities``); every argument is a string, quoted or a literal; a client literal, ``{n+}`` or
+``{n}``, is never acknowledged, because RFC 5804 has no continuation reply for it; SASL challenges are
+strings and a client answers each with a string, ``"*"`` cancelling the exchange (RFC 5804 2.1).
+"""
+
+import enum
+from dataclasses import dataclass, field
+from typing import List
+
+from . import sasl
+from .common import (
+    TOO_MANY_COMMANDS,
+    TOO_MANY_INVALID,
+    Authenticate,
+    AuthAttempt,
+    Close,
+    Log,
+    Send,
+    StartTLS,
+    too_long,
+)
+
+CRLF = b"\r\n"
+IMPLEMENTATION = b"mailproxy"
+VERSION = b"1.0"
+# Replies, all from here. A closing reply is BYE: RFC 5804 1.3 gives NO the meaning "this command
+# failed, carry on" and BYE "the server is closing the connection"; a client told NO would try its next
+# command on a dead socket, a client told BYE reports the text and stops.
+OK_NOOP = b'OK "NOOP completed"\r\n'
+OK_TAGGED_NOOP = b'"Done"\r\n'
+OK_LOGOUT = b'OK "Logout completed"\r\n'
+OK_STARTTLS = b'OK "Begin TLS negotiation now"\r\n'
+NO_INVALID = b'NO "invalid command"\r\n'
+NO_CANCELLED = b'NO "Authentication cancelled"\r\n'
+BYE_INVALID = b'BYE "invalid command"\r\n'
+BYE_TOO_MANY_INVALID = b'BYE "Too many invalid commands"\r\n'
+BYE_TOO_MANY_COMMANDS = b'BYE "Too many commands"\r\n'
+BYE_TOO_LONG = b'BYE "Command too long"\r\n'
+INTERNAL_ERROR = b'BYE "internal server error"\r\n'
+SSL_CERT_ERROR = b'BYE "SSL certificate error"\r\n'
+SSL_NO_CERT = b'BYE "No required SSL certificate"\r\n'
+EMPTY_CHALLENGE = b'""\r\n'
+USERNAME_CHALLENGE = b'"' + sasl.USERNAME_PROMPT + b'"\r\n'
+PASSWORD_CHALLENGE = b'"' + sasl.PASSWORD_PROMPT + b'"\r\n'
+
+# What sieve_auth can name. CRAM-MD5 and EXTERNAL are left out: a backend login needs a clear password,
+# which neither gives (nginx makes the auth server return one; ManageSieve clients rarely offer either).
+METHODS = ("plain", "login", "xoauth2", "oauthbearer")
+# PLAIN and LOGIN are always accepted, sieve_auth only decides what is advertised (spec 2.0.8); the
+# OAuth mechanisms need to be enabled, as in IMAP.
+GATED = frozenset(("xoauth2", "oauthbearer"))
+MAX_ARGS = 3  # AUTHENTICATE mechanism and initial response; one more is already wrong
+LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def string(value: bytes) -> bytes:
+    """A server string (RFC 5804 4): quoted when it can be, else a literal (CR, LF and NUL cannot be quoted)."""
+    if any(byte in value for byte in b"\r\n\0") or len(value) > 1024:
+        return b"{%d}\r\n" % len(value) + value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def capability_response(auth_methods, words, starttls: bool, login_allowed: bool) -> bytes:
+    """RFC 5804 1.7. ``words`` are sieve_capabilities: SIEVE extension names, and ``NAME=value`` for a
+    capability line of its own (``NOTIFY=mailto``, ``MAXREDIRECTS=4``); no extension name has a '='."""
+    extensions = [word for word in words if b"=" not in word]
+    others = [word.split(b"=", 1) for word in words if b"=" in word]
+    mechanisms = b" ".join(
+        sasl.MECHANISM_NAMES[m].encode() for m in sasl.ADVERTISED_ORDER if m in auth_methods
+    )
+    lines = [
+        b'"IMPLEMENTATION" ' + string(IMPLEMENTATION),
+        # RFC 5804 1.7: a server that wants TLS first advertises an empty SASL list until then.
+        b'"SASL" ' + string(mechanisms if login_allowed else b""),
+        b'"SIEVE" ' + string(b" ".join(extensions)),
+    ]
+    lines += [string(name.upper()) + b" " + string(value) for name, value in others]
+    if starttls:
+        lines.append(b'"STARTTLS"')
+    lines.append(b'"VERSION" ' + string(VERSION))
+    return CRLF.join(lines) + CRLF + b"OK\r\n"
+
+
+@dataclass(frozen=True)
+class SieveConfig:
+    """Per-server settings with every fixed reply already assembled."""
+
+    capability_plain: bytes  # capability response (ending in OK) on a connection without TLS
+    capability_tls: bytes  # ... and with TLS
+    auth_methods: frozenset = frozenset(("plain",))
+    starttls: str = "off"
+    client_buffer: int = 4096
+    max_errors: int = 5
+    max_commands: int = 1000
+    internal_error: bytes = INTERNAL_ERROR
+    ssl_cert_error: bytes = SSL_CERT_ERROR
+    ssl_no_cert: bytes = SSL_NO_CERT
+
+    @classmethod
+    def build(cls, auth_methods=("plain",), extensions=(), starttls="off", **settings) -> "SieveConfig":
+        methods = frozenset(auth_methods)
+        words = tuple(e.encode() if isinstance(e, str) else e for e in extensions)
+        return cls(
+            capability_plain=capability_response(methods, words, starttls != "off", starttls != "only"),
+            capability_tls=capability_response(methods, words, False, True),
+            auth_methods=methods,
+            starttls=starttls,
+            **settings,
+        )
+
+    @classmethod
+    def from_server(cls, server) -> "SieveConfig":
+        return cls.build(
+            auth_methods=server.sieve_auth,
+            extensions=server.sieve_capabilities,
+            starttls=server.starttls,
+            client_buffer=server.sieve_client_buffer,
+            max_errors=server.max_errors,
+            max_commands=server.max_commands,
+        )
+
+
+# --- the tokenizer ---------------------------------------------------------------------------------
+
+
+class Kind(enum.Enum):
+    COMPLETE = "complete"
+    INVALID = "invalid"  # a parse error; ``end`` is just past its LF
+    INCOMPLETE = "incomplete"  # wait for more (``wait_for``: buffer length needed first)
+
+
+@dataclass
+class Parsed:
+    kind: Kind
+    verb: bytes = b""  # upper case; empty for a SASL response line
+    args: List[bytes] = field(default_factory=list)
+    end: int = 0
+    close: bool = False  # an invalid line announcing a literal: its data cannot be told from commands
+    wait_for: int = 0
+
+
+class _Bad(Exception):
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
+
+
+def parse_line(buf: bytes, limit: int, continuation: bool) -> Parsed:
+    """Parse the line at the head of ``buf`` (at most ``limit`` bytes); a SASL response has no verb."""
+    window = bytes(buf[:limit])
+    result = Parsed(Kind.COMPLETE)
+    index = 0
+    try:
+        if not continuation:
+            while index < len(window) and window[index] in LETTERS:
+                index += 1
+            if index == len(window):
+                return Parsed(Kind.INCOMPLETE)
+            if index == 0 or window[index] not in b" \r\n":
+                raise _Bad(index)
+            result.verb = window[:index].upper()
+        return _arguments(window, index, result, limit)
+    except _Bad as bad:
+        return _invalid(window, bad.index)
+
+
+def _arguments(window: bytes, index: int, result: Parsed, limit: int) -> Parsed:
+    length = len(window)
+    while True:
+        while index < length and window[index] == 0x20:
+            index += 1
+        if index == length:
+            return Parsed(Kind.INCOMPLETE, wait_for=result.wait_for)
+        byte = window[index]
+        if byte == 0x0D:
+            if index + 1 == length:
+                return Parsed(Kind.INCOMPLETE)
+            if window[index + 1] != 0x0A:
+                raise _Bad(index + 1)
+            result.end = index + 2
+            return result
+        if byte == 0x0A:
+            result.end = index + 1
+            return result
+        if len(result.args) == MAX_ARGS:
+            raise _Bad(index)
+        if byte == 0x22:
+            index = _quoted(window, index + 1, result.args)
+        elif byte == 0x7B:
+            index = _literal(window, index + 1, result, limit)
+        else:
+            # RFC 5804 wants strings; a bare atom (a number, a lazy client's mechanism) is taken as one.
+            start = index
+            while index < length and window[index] not in b" \r\n\"{":
+                index += 1
+            if index < length and window[index] in b"\"{":
+                raise _Bad(index)
+            result.args.append(window[start:index])
+        if index < 0:
+            return Parsed(Kind.INCOMPLETE, wait_for=result.wait_for)
+        if index < length and window[index] not in b" \r\n":
+            raise _Bad(index)
+
+
+def _quoted(window: bytes, index: int, args: list) -> int:
+    out = bytearray()
+    while index < len(window):
+        byte = window[index]
+        if byte == 0x22:
+            args.append(bytes(out))
+            return index + 1
+        if byte in b"\r\n":
+            raise _Bad(index)  # RFC 5804: a quoted string never spans lines
+        if byte == 0x5C:
+            if index + 1 == len(window):
+                return -1
+            index += 1
+            byte = window[index]
+            if byte not in b'"\\':
+                raise _Bad(index)  # only \" and \\ are QUOTED-SPECIALS
+        out.append(byte)
+        index += 1
+    return -1
+
+
+def _literal(window: bytes, index: int, result: Parsed, limit: int) -> int:
+    length = len(window)
+    start = index
+    size = 0
+    while index < length and 0x30 <= window[index] <= 0x39:
+        if size <= limit:  # a ten-thousand-digit count must not cost a bignum
+            size = size * 10 + window[index] - 0x30
+        index += 1
+    if index < length and index == start:
+        raise _Bad(index)
+    if index < length and window[index] == 0x2B:
+        index += 1
+    for expected in (0x7D, 0x0D, 0x0A):
+        if index == length:
+            return -1
+        if window[index] != expected:
+            if expected == 0x0D and window[index] == 0x0A:
+                continue  # bare LF after the count, as for any line end
+            raise _Bad(index)
+        index += 1
+    data_end = index + size
+    if data_end + 1 > limit:
+        result.wait_for = limit  # cannot fit: it ends as "too long" once the buffer is full
+        return -1
+    if data_end >= length:
+        result.wait_for = data_end + 1
+        return -1
+    result.args.append(window[index:data_end])
+    return data_end
+
+
+def _invalid(window: bytes, index: int) -> Parsed:
+    newline = window.find(b"\n", index)
+    if newline < 0:
+        return Parsed(Kind.INCOMPLETE)
+    line_end = newline - 1 if newline > 0 and window[newline - 1] == 0x0D else newline
+    # Client literals are never acknowledged, so their bytes follow at once and would be read as
+    # commands: a bad line announcing one cannot be resynchronised.
+    return Parsed(Kind.INVALID, end=newline + 1, close=window[line_end - 1 : line_end] == b"}")
+
+
+# --- the machine ------------------------------------------------------------------------------------
+
+
+class State(enum.Enum):
+    START = "not authenticated"
+    AUTH_PLAIN = "AUTHENTICATE PLAIN response"
+    AUTH_LOGIN_USERNAME = "AUTHENTICATE LOGIN user name"
+    AUTH_LOGIN_PASSWORD = "AUTHENTICATE LOGIN password"
+    AUTH_XOAUTH2 = "AUTHENTICATE XOAUTH2 response"
+    AUTH_OAUTHBEARER = "AUTHENTICATE OAUTHBEARER response"
+    SASL_ERROR = "dummy response to an Auth-Error-SASL challenge"
+    AUTHENTICATING = "waiting for the auth server"
+    STARTTLS = "waiting for the TLS handshake"
+    CLOSED = "closed"
+
+
+READING = frozenset(State) - {State.AUTHENTICATING, State.STARTTLS, State.CLOSED}
+EXCHANGE_STATES = {
+    "plain": State.AUTH_PLAIN,
+    "login": State.AUTH_LOGIN_USERNAME,
+    "xoauth2": State.AUTH_XOAUTH2,
+    "oauthbearer": State.AUTH_OAUTHBEARER,
+}
+
+
+class SieveMachine:
+    def __init__(self, config: SieveConfig, tls: bool = False):
+        self.config = config
+        self.tls = tls
+        self.state = State.START
+        self.errors = 0
+        self.commands = 0
+        self.attempts = 0
+        self._buffer = bytearray()
+        self._scan_from = 0  # no rescan until an LF (or the rest of a literal) arrives past this
+        self._login = b""
+        self._method = None
+        self._pending_failure = None  # (reply text, wait) behind an Auth-Error-SASL challenge
+
+    # --- what the session calls -------------------------------------------------------------------
+
+    def greeting(self):
+        return [Send(self._capabilities())]
+
+    def receive_data(self, data: bytes):
+        if self.state is State.CLOSED:
+            return []
+        if not data:
+            self._close()
+            return [Close()]
+        if self.state is State.STARTTLS:
+            return []  # handshake bytes: the session's, never a command
+        self._buffer += data
+        return self._process()
+
+    def auth_failed(self, text, wait: bool, error_code=None, sasl_error=None):
+        if self.state is not State.AUTHENTICATING:
+            raise RuntimeError("auth_failed() without a pending attempt (state %s)" % self.state.name)
+        text = _as_bytes(text)
+        out = [Log("info", 'client login failed: "%s"' % text.decode("utf-8", "replace"))]
+        if sasl_error is not None and self._method in GATED:
+            # RFC 7628 3.2.2: the error JSON goes out as a challenge; the client answers "AQ==" (or,
+            # for XOAUTH2, an empty string) and only then gets the NO.
+            out.append(Send(string(_as_bytes(sasl_error)) + CRLF))
+            self._pending_failure = (text, wait)
+            self.state = State.SASL_ERROR
+            return out + self._process()
+        out.append(Send(b"NO " + string(text) + CRLF))
+        return out + self._after_failure(wait)
+
+    def tls_established(self):
+        if self.state is not State.STARTTLS:
+            return []
+        self.tls = True
+        self.state = State.START
+        # RFC 5804 2.2: after the handshake the server re-issues its capabilities unasked.
+        return [Send(self._capabilities())]
+
+    def trailing_data(self) -> bytes:
+        return bytes(self._buffer)
+
+    @property
+    def reading(self) -> bool:
+        return self.state in READING
+
+    @property
+    def awaiting_auth(self) -> bool:
+        return self.state is State.AUTHENTICATING
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    # --- the input loop ---------------------------------------------------------------------------
+
+    def _process(self):
+        out = []
+        limit = self.config.client_buffer
+        while self.state in READING:
+            full = len(self._buffer) >= limit
+            if not full and self._buffer.find(b"\n", self._scan_from) < 0:
+                break
+            parsed = parse_line(self._buffer, limit, self.state is not State.START)
+            if parsed.kind is Kind.INCOMPLETE:
+                if not full:
+                    self._scan_from = max(len(self._buffer), parsed.wait_for - 1)
+                    break
+                out += self._too_long()
+                break
+            del self._buffer[: parsed.end]
+            self._scan_from = 0
+            if parsed.kind is Kind.INVALID:
+                out += self._parse_error(parsed.close)
+                continue
+            self.commands += 1
+            if self.commands > self.config.max_commands:
+                out += [Log("info", TOO_MANY_COMMANDS), Send(BYE_TOO_MANY_COMMANDS)] + self._close_now()
+                break
+            if self.state is State.START:
+                handler = COMMANDS.get(parsed.verb)
+                if handler is None:
+                    out += self._parse_error(False)
+                    continue
+            elif self.state is State.SASL_ERROR:
+                handler = SieveMachine._sasl_error_response
+            else:
+                handler = SieveMachine._response
+            out += handler(self, parsed.args)
+        return out
+
+    def _capabilities(self) -> bytes:
+        return self.config.capability_tls if self.tls else self.config.capability_plain
+
+    def _too_long(self):
+        # SASL responses are credentials: log none of them.
+        shown = bytes(self._buffer) if self.state is State.START else b"..."
+        return [Log("info", too_long(shown)), Send(BYE_TOO_LONG)] + self._close_now()
+
+    def _parse_error(self, announces_literal: bool):
+        self.errors += 1
+        if self.errors >= self.config.max_errors:
+            return [Log("info", TOO_MANY_INVALID), Send(BYE_TOO_MANY_INVALID)] + self._close_now()
+        if announces_literal:
+            return [Send(BYE_INVALID)] + self._close_now()
+        out = [Send(NO_INVALID)]
+        if self.state is State.SASL_ERROR:
+            return out + self._after_failure(self._pending_failure[1], process=False)
+        self.state = State.START
+        return out
+
+    def _close_now(self):
+        self._close()
+        return [Close()]
+
+    def _close(self):
+        self.state = State.CLOSED
+        self._buffer.clear()
+
+    def _after_failure(self, wait: bool, process: bool = True):
+        self._pending_failure = None
+        if not wait:
+            return self._close_now()
+        self.state = State.START
+        return self._process() if process else []
+
+    def _reject(self, reply=NO_INVALID):
+        """Parsed but not doable: a NO, not counted against max_errors (spec 2.0.5)."""
+        self.state = State.START
+        return [Send(reply)]
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    def _noop(self, args):
+        if len(args) > 1:
+            return self._reject()
+        if args:
+            # RFC 5804 2.11: a NOOP argument comes back as a TAG response code (clients sync on it).
+            return [Send(b"OK (TAG " + string(args[0]) + b") " + OK_TAGGED_NOOP)]
+        return [Send(OK_NOOP)]
+
+    def _capability(self, args):
+        if args:
+            return self._reject()
+        return [Send(self._capabilities())]
+
+    def _logout(self, args):
+        return [Send(OK_LOGOUT)] + self._close_now()
+
+    def _starttls(self, args):
+        if args or self.tls or self.config.starttls == "off":
+            return self._reject()
+        self._buffer.clear()  # bytes pipelined behind STARTTLS came in clear: never act on them
+        self._scan_from = 0
+        self.state = State.STARTTLS
+        return [Send(OK_STARTTLS), StartTLS()]
+
+    def _authenticate(self, args):
+        if (self.config.starttls == "only" and not self.tls) or not 1 <= len(args) <= 2:
+            return self._reject()
+        method = sasl.mechanism(args[0])
+        if method not in EXCHANGE_STATES or (method in GATED and method not in self.config.auth_methods):
+            return self._reject()
+        if len(args) == 1:
+            self.state = EXCHANGE_STATES[method]
+            return [Send(USERNAME_CHALLENGE if method == "login" else EMPTY_CHALLENGE)]
+        self.state = EXCHANGE_STATES[method]
+        return self._respond(args[1])
+
+    def _response(self, args):
+        if len(args) != 1:
+            return self._reject()
+        return self._respond(args[0])
+
+    def _respond(self, response: bytes):
+        if response == b"*":
+            return self._reject(NO_CANCELLED)
+        state = self.state
+        try:
+            if state is State.AUTH_LOGIN_USERNAME:
+                self._login = sasl.decode_base64(response, "login")
+                self.state = State.AUTH_LOGIN_PASSWORD
+                return [Send(PASSWORD_CHALLENGE)]
+            if state is State.AUTH_LOGIN_PASSWORD:
+                method, credentials = "plain", (self._login, sasl.decode_base64(response, "login"))
+            elif state is State.AUTH_PLAIN:
+                method, credentials = "plain", sasl.parse_plain(sasl.decode_base64(response, "plain"))
+            elif state is State.AUTH_XOAUTH2:
+                method, credentials = "xoauth2", sasl.parse_xoauth2(sasl.decode_base64(response, "xoauth2"))
+            else:
+                method = "oauthbearer"
+                credentials = sasl.parse_oauthbearer(sasl.decode_base64(response, "oauthbearer"))
+        except sasl.SaslError as err:
+            return [Log("info", str(err))] + self._reject()
+        self.attempts += 1
+        self._method = method
+        self.state = State.AUTHENTICATING
+        return [Authenticate(AuthAttempt(method, credentials[0], credentials[1], self.attempts))]
+
+    def _sasl_error_response(self, args):
+        text, wait = self._pending_failure
+        if self._method == "xoauth2":
+            accepted = len(args) == 1 and not args[0]
+        else:
+            accepted = len(args) == 1 and args[0][:4] == b"AQ=="
+        reply = b"NO " + string(text) + CRLF if accepted else NO_INVALID
+        return [Send(reply)] + self._after_failure(wait, process=False)
+
+
+def _as_bytes(text) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+
+
+# Only these are known before login; HAVESPACE, PUTSCRIPT and the rest are parse errors here, as
+# IMAP's SELECT is to nginx: the proxy never serves them.
+COMMANDS = {
+    b"NOOP": SieveMachine._noop,
+    b"CAPABILITY": SieveMachine._capability,
+    b"LOGOUT": SieveMachine._logout,
+    b"STARTTLS": SieveMachine._starttls,
+    b"AUTHENTICATE": SieveMachine._authenticate,
+}
