@@ -5,6 +5,7 @@
     python bench/relay_throughput.py --relay copy          # the user-space relay (TLS/EINVAL path)
     python bench/relay_throughput.py --relay floor         # blocking splice threads, no event loop
     python bench/relay_throughput.py --pipe-size 65536 --skip-idle
+    python bench/relay_throughput.py --tls backend         # TLS to the backend (client, both): copy path
 
 A relay process (this script with `_serve`) stands in for a worker: it accepts a client, connects to the
 backend and calls relay.start(), exactly as the session does after a login. The backend streams the
@@ -59,11 +60,23 @@ def serve(backend_port, relay_kind, pipe_size):
     def on_close(result):
         active[0] -= 1
 
+    tls_mode = os.environ.get("BENCH_TLS", "none")
+    if tls_mode != "none":
+        from gevent import ssl as gssl
+
+        server_ctx, client_ctx = tls_contexts()
+
     def session(client):
         backend = gsocket.create_connection(("127.0.0.1", backend_port))
         active[0] += 1
+        # The handshakes happen here as in a session: the relay gets sockets with TLS already up.
+        if tls_mode in ("client", "both"):
+            client = gssl.SSLSocket(sock=client, server_side=True, _context=server_ctx)
+        if tls_mode in ("backend", "both"):
+            backend = gssl.SSLSocket(sock=backend, server_side=False, _context=client_ctx)
         relay.start(client, backend, client_pending=b"", backend_pending=b"", proxy_timeout=3600.0,
-                    proxy_buffer=16384, client_buffer=16384, tls=False, on_close=on_close)
+                    proxy_buffer=16384, client_buffer=16384, tls=tls_mode in ("client", "both"),
+                    backend_tls=tls_mode in ("backend", "both"), on_close=on_close)
 
     def floor_session(client):
         # Blocking kernel-to-kernel copies, no event loop: the cost of the work itself.
@@ -169,8 +182,10 @@ class Backend:
 
     def _stream(self, conn, size):
         left = size
+        if TLS in ("backend", "both"):
+            conn = tls_contexts()[0].wrap_socket(conn, server_side=True)
         with conn:
-            if GEN == "copy":
+            if GEN == "copy" or TLS in ("backend", "both"):
                 block = memoryview(os.urandom(MiB))
                 while left:
                     left -= conn.send(block[:min(left, MiB)])
@@ -186,6 +201,20 @@ class Backend:
 
 
 GEN = "zero"
+TLS = "none"
+
+
+def tls_contexts():
+    """(server, client) contexts from the certificate main() made; TLS 1.3, OpenSSL's default cipher."""
+    import ssl
+
+    folder = os.environ["BENCH_TLS_DIR"]
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem"))
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    return server, client
 SOURCE_SIZE = 64 * MiB
 _source = []
 
@@ -203,7 +232,9 @@ def source_fd():
 def sink(port, expect, out):
     got = 0
     with socket.create_connection(("127.0.0.1", port)) as s:
-        if GEN == "copy":
+        if TLS in ("client", "both"):
+            s = tls_contexts()[1].wrap_socket(s)
+        if GEN == "copy" or TLS in ("client", "both"):
             buf = bytearray(MiB)
             while True:
                 n = s.recv_into(buf)
@@ -290,15 +321,30 @@ def main():
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--gen", choices=["zero", "copy"], default="zero",
                     help="load generator: sendfile/splice (default) or send/recv_into from memory")
+    ap.add_argument("--tls", choices=["none", "client", "backend", "both"], default="none",
+                    help="which relay sides speak TLS (the load generator terminates the other end)")
     args = ap.parse_args()
-    global GEN
+    global GEN, TLS
     GEN = args.gen
+    TLS = args.tls
+    if TLS != "none":
+        import tempfile
+
+        import trustme
+
+        folder = tempfile.mkdtemp(prefix="relay-bench-tls")
+        cert = trustme.CA().issue_cert("127.0.0.1")
+        cert.cert_chain_pems[0].write_to_path(os.path.join(folder, "cert.pem"))
+        cert.private_key_pem.write_to_path(os.path.join(folder, "key.pem"))
+        os.environ["BENCH_TLS_DIR"] = folder
+        os.environ["BENCH_TLS"] = TLS
+        args.skip_idle = True
     source_fd()
 
     backend = Backend()
     relay = RelayProcess(backend.port, args.relay, args.pipe_size)
     try:
-        label = "%s pipe=%s gen=%s" % (args.relay, args.pipe_size or "default", args.gen)
+        label = "%s pipe=%s gen=%s tls=%s" % (args.relay, args.pipe_size or "default", args.gen, args.tls)
         for _ in range(args.repeat):
             mbs, cpu, wall = stream(relay, backend, 1, args.big)
             print("%-32s 1 x %4d MiB: %8.0f MB/s  %.3f CPU-s/GiB  (%.2f s, %d pump calls/GiB)"
