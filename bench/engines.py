@@ -139,13 +139,14 @@ class Engine:
                    self.port))
         self.group = None
 
-    def start(self):
+    def start(self, cwd=ROOT):
+        """``cwd``: the source tree mailproxy is imported from (the bench's own by default)."""
         if self.kind == "nginx":
             argv = [NGINX, "-p", self.prefix, "-c", self.conf, "-g", "daemon off; master_process on;"]
         else:
             argv = [sys.executable, "-m", "mailproxy.cli", "-p", self.prefix, "-c", self.conf,
                     "-g", "daemon off;", "start"]
-        self.group = Group(argv, self.label)
+        self.group = Group(argv, self.label, cwd=cwd)
         wait_ready(self.group, self.port, self.workers)
         return self
 
