@@ -49,8 +49,13 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_loud},
     python_requires=">=3.9",
-    install_requires=["gevent>=22", "requests", "setproctitle", "dnspython>=2.3"],
-    extras_require={"test": ["pytest", "hypothesis", "trustme", "dnspython"], "bench": ["matplotlib", "geventhttpclient"]},
+    # PyJWT: mailproxy-auth's JWT checks (signature, exp/nbf/aud/iss, algorithm allow-list) are easy to
+    # get subtly wrong by hand; it is pure Python and small. RS*/ES* keys also need cryptography: "oauth".
+    install_requires=["gevent>=22", "requests", "setproctitle", "dnspython>=2.3", "PyJWT>=2.6",
+                      # metrics_listen: multiprocess-safe counters and the Prometheus text format
+                      "prometheus_client>=0.17"],
+    extras_require={"test": ["pytest", "hypothesis", "trustme", "dnspython", "cryptography", "sievelib"],
+                    "oauth": ["cryptography"], "bench": ["matplotlib", "geventhttpclient"]},
     entry_points={
         "console_scripts": [
             "mailproxy-master=mailproxy.cli:main",

@@ -196,7 +196,16 @@ def status(opts):
     if pid is None:
         print("mailproxy: master process is not running")
         return 3
-    print("mailproxy: master process %d is running" % pid)
+    from mailproxy import status as master_status
+
+    path = master_status.socket_path(config.main.pid)
+    try:
+        info = master_status.ask(path)
+    except (OSError, ValueError) as exc:
+        # An older master, master_process off, or a socket removed by hand: the pid file still speaks.
+        print("mailproxy: master process %d is running (no status from %s: %s)" % (pid, path, exc))
+        return 0
+    print(master_status.format_status(info))
     return 0
 
 

@@ -79,8 +79,12 @@ def plan(servers):
     """The sockets a configuration needs, in configuration order."""
     bindings = []
     ports = {}
+    seen = set()
     for server in servers:
         for listen in server.listens:
+            if (listen.family, listen.sockaddr) in seen:
+                continue  # a later server sharing an address by SNI (ours): the first one owns the socket
+            seen.add((listen.family, listen.sockaddr))
             if listen.family == socket.AF_UNIX:
                 bindings.append(Binding(listen, server))
             else:

@@ -15,6 +15,7 @@ import time
 
 from mailproxy import listeners as listen_mod
 from mailproxy import log as errorlog
+from mailproxy import session_log, status
 
 # One table for the master's handlers and for `mailproxy-master -s <name>` (nginx's signals[]).
 SIGNALS = {
@@ -89,6 +90,8 @@ class Master:
         self.term_deadlines = []
         self.fatal = False
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLERS)
+        # Created after the mask: its threads (status, metrics) inherit it and never take a signal.
+        self.observer = status.Observer(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -97,6 +100,14 @@ class Master:
         from setproctitle import setproctitle
 
         setproctitle(MASTER_TITLE % self.command_line)
+        try:
+            self.observer.prepare(self.config)
+        except listen_mod.ListenError as exc:
+            self.log.log("emerg", str(exc))
+            self.finish()
+            return 1
+        self.observer.commit(self.config)
+        self.observer.started_with(self.config)
         self.spawn_workers()
         self._ready()
         while self.state == "running" or self.workers:
@@ -133,6 +144,7 @@ class Master:
             self.kill_workers(signal.SIGTERM if self.term_deadlines else signal.SIGKILL)
 
     def finish(self):
+        self.observer.close()
         self.listeners.close_all()
         self._remove_pid_file(self.config.main.pid)
         self.log.log("notice", "exit")
@@ -159,8 +171,10 @@ class Master:
             self.spawn_worker()
 
     def spawn_worker(self):
+        self.observer.before_fork()
         pid = os.fork()
         if pid:
+            self.observer.after_fork(pid)
             self.workers[pid] = WorkerProcess(pid, self.generation)
             self.log.log("notice", "start worker process %d" % pid)
             return pid
@@ -198,6 +212,8 @@ class Master:
             record = self.workers.pop(pid, None)
             if record is None:
                 continue
+            boot_error = os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR
+            self.observer.worker_reaped(pid, not record.retiring and self.state == "running" and not boot_error)
             if os.WIFSIGNALED(status):
                 self.log.log("alert", "worker process %d exited on signal %d%s" % (
                     pid, os.WTERMSIG(status), " (core dumped)" if os.WCOREDUMP(status) else ""))
@@ -245,16 +261,20 @@ class Master:
         """Parse first, bind second: any failure leaves the running configuration untouched."""
         from mailproxy.conf import ConfigError
 
+        began = time.monotonic()
         try:
             config = self.load()
             errorlog.open_files(log_paths(config))
             bindings = self.listeners.prepare(listen_mod.plan(config.servers))
+            self.observer.prepare(config)
         except (ConfigError, errorlog.LogOpenError, listen_mod.ListenError) as exc:
             self.log.log("emerg", str(exc))
+            self.observer.config_loaded(False, time.monotonic() - began)
             return
         except Exception as exc:
             # A bug in the loader must not take down a master that is serving fine.
             self.log.log("alert", "reload failed: %s: %s" % (type(exc).__name__, exc))
+            self.observer.config_loaded(False, time.monotonic() - began)
             return
         old_workers = list(self.workers.values())
         for record in old_workers:
@@ -267,6 +287,8 @@ class Master:
         self.spawn_workers()
         self.kill_workers(signal.SIGQUIT, old_workers)
         self.listeners.commit(bindings)
+        self.observer.commit(config)
+        self.observer.config_loaded(True, time.monotonic() - began)
         errorlog.retain_only(log_paths(config))
         if config.main.pid != old_pid:
             write_pid_file(config.main.pid)
@@ -328,11 +350,11 @@ class Master:
 
 
 def log_paths(config):
-    """Every log file the configuration names, at any level."""
+    """Every log file the configuration names, at any level, session logs included."""
     paths = []
     for targets in [config.main.error_log] + [server.error_log for server in config.servers]:
         paths.extend(target for target, _ in targets if target != errorlog.STDERR)
-    return paths
+    return paths + session_log.paths(config)
 
 
 def write_pid_file(path):

@@ -9,7 +9,7 @@ Shape, and why:
   login greenlets), against nginx's ~11 KiB and a two-greenlet relay's ~29 KiB.
 * Plain sessions move bytes with splice(2) through a pipe borrowed from a per-process pool only while a
   direction has bytes in flight, and returned as soon as the pipe is empty (mailproxy/_splice.pyx).
-* Client-side TLS cannot be spliced, so those sessions (and any session whose kernel refuses splice with
+* TLS on either side (client, backend, or both) cannot be spliced, so those sessions (and any session whose kernel refuses splice with
   EINVAL, or a process started with MAILPROXY_NO_SPLICE=1) use one user-space loop: read into a shared
   per-process scratch buffer, send at once, and keep a private copy only of what the peer did not take.
   Reads there are bounded as nginx bounds them: client_buffer client->backend, proxy_buffer
@@ -143,12 +143,12 @@ class _Direction:
         "src_read", "src_write", "dst_read", "dst_write",
     )
 
-    def __init__(self, src, src_fd, dst, dst_fd, tls_end, pending, bufsize, eof_reason, from_client):
+    def __init__(self, src, src_fd, dst, dst_fd, src_tls, dst_tls, pending, bufsize, eof_reason, from_client):
         # For TLS the SSL object under gevent's SSLSocket is used: gevent's send() reports would-block
         # as 0 without saying whether SSL wants to read or to write, and the watcher must know which.
-        self.src_ssl = src if tls_end == "src" else None
-        self.recv_into = src.read if tls_end == "src" else src.recv_into
-        self.send = dst.write if tls_end == "dst" else dst.send
+        self.src_ssl = src if src_tls else None
+        self.recv_into = src.read if src_tls else src.recv_into
+        self.send = dst.write if dst_tls else dst.send
         self.src_fd = src_fd
         self.dst_fd = dst_fd
         self.bufsize = max(1, bufsize)
@@ -304,19 +304,26 @@ class Relay:
     """A running relay. The worker keeps it only to call close_now() at worker_shutdown_timeout."""
 
     __slots__ = (
-        "_loop", "_client", "_backend", "_client_fd", "_backend_fd", "_tls", "_c2b", "_b2c",
+        "_loop", "_client", "_backend", "_client_fd", "_backend_fd", "_tls", "_backend_tls", "_c2b", "_b2c",
         "_watchers", "_timer", "_timeout", "_last", "_on_close", "_closed", "_again_queued",
     )
 
     def __init__(self, client_sock, backend_sock, client_pending, backend_pending, proxy_timeout,
-                 proxy_buffer, client_buffer, tls, on_close):
+                 proxy_buffer, client_buffer, tls, on_close, backend_tls=False):
         self._loop = loop = gevent.get_hub().loop
         self._tls = tls
+        self._backend_tls = backend_tls
         self._on_close = on_close
         self._closed = False
         self._again_queued = False
-        self._backend = _detach(backend_sock)
-        self._backend_fd = self._backend.fileno()
+        if backend_tls:
+            self._backend = backend_sock
+            self._backend_fd = backend_sock.fileno()
+            backend_end = backend_sock._sslobj
+        else:
+            self._backend = _detach(backend_sock)
+            self._backend_fd = self._backend.fileno()
+            backend_end = self._backend
         if tls:
             self._client = client_sock
             self._client_fd = client_sock.fileno()
@@ -327,11 +334,11 @@ class Relay:
             client_end = self._client
         for sock in (self._client, self._backend):
             _nodelay(sock)
-        self._c2b = _Direction(client_end, self._client_fd, self._backend, self._backend_fd,
-                               "src" if tls else None, client_pending, client_buffer, "client closed", True)
-        self._b2c = _Direction(self._backend, self._backend_fd, client_end, self._client_fd,
-                               "dst" if tls else None, backend_pending, proxy_buffer, "backend closed", False)
-        if SPLICE_AVAILABLE and not tls:
+        self._c2b = _Direction(client_end, self._client_fd, backend_end, self._backend_fd,
+                               tls, backend_tls, client_pending, client_buffer, "client closed", True)
+        self._b2c = _Direction(backend_end, self._backend_fd, client_end, self._client_fd,
+                               backend_tls, tls, backend_pending, proxy_buffer, "backend closed", False)
+        if SPLICE_AVAILABLE and not tls and not backend_tls:
             self._c2b.use_splice = self._b2c.use_splice = True
         self._watchers = [None, None, None, None]
         self._timeout = proxy_timeout
@@ -435,25 +442,28 @@ class Relay:
         self._c2b.release()
         self._b2c.release()
         if self._tls:
-            self._tls_goodbye()
+            self._tls_goodbye(self._client)
+        if self._backend_tls:
+            self._tls_goodbye(self._backend)
         self._client.close()
         self._backend.close()
         on_close, self._on_close = self._on_close, None
         on_close(RelayResult(reason, self._c2b.moved, self._b2c.moved))
 
-    def _tls_goodbye(self):
+    def _tls_goodbye(self, sock):
         # nginx sends close_notify when it can do so without waiting; a peer that is gone or a full
         # socket buffer simply means no close_notify, which is what a TCP-level close gives anyway.
         try:
-            self._client._sslobj.shutdown()
+            sock._sslobj.shutdown()
         except (ssl.SSLError, OSError, ValueError, AttributeError):
             return
 
 
 def start(client_sock, backend_sock, *, client_pending: bytes, backend_pending: bytes,
           proxy_timeout: float, proxy_buffer: int, client_buffer: int, tls: bool,
-          on_close: Callable[[RelayResult], None]) -> Relay:
+          on_close: Callable[[RelayResult], None], backend_tls: bool = False) -> Relay:
     """Hand both sockets to the relay and return at once; on_close(RelayResult) runs exactly once, in
-    the hub, after both sockets are closed. It must not block (spawn a greenlet for anything slow)."""
+    the hub, after both sockets are closed. It must not block (spawn a greenlet for anything slow).
+    ``tls``/``backend_tls``: that side is a gevent SSLSocket (handshake done), relayed by copy."""
     return Relay(client_sock, backend_sock, client_pending, backend_pending, proxy_timeout,
-                 proxy_buffer, client_buffer, tls, on_close)
+                 proxy_buffer, client_buffer, tls, on_close, backend_tls)

@@ -15,6 +15,7 @@ import time
 import gevent
 from gevent import ssl as gevent_ssl
 
+from mailproxy.auth_http import cache as auth_cache
 from mailproxy.auth_http import request as auth_request
 from mailproxy.auth_http.client import AuthHttpClient
 from mailproxy.auth_http.response import (
@@ -25,14 +26,16 @@ from mailproxy.auth_http.response import (
     AuthRetry,
     decide,
 )
-from mailproxy.protocol import imap, pop3, smtp, sasl
+from mailproxy.protocol import imap, pop3, sieve, smtp, sasl
 from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS, escape_for_log
 from mailproxy.upstream import imap as upstream_imap
 from mailproxy.upstream import pop3 as upstream_pop3
+from mailproxy.upstream import sieve as upstream_sieve
 from mailproxy.upstream import smtp as upstream_smtp
 from mailproxy.upstream.common import Failed, LoggedIn, LogPhase
 from mailproxy.upstream.proxy_protocol import header_v1, header_v2
-from mailproxy import proxy_protocol, relay, resolver, tls
+from mailproxy import metrics, session_log
+from mailproxy import netio, proxy_protocol, relay, resolver, tls, upstream_tls
 
 _READ_SIZE = 16384
 
@@ -50,6 +53,7 @@ PROTOCOLS = {
     "imap": _ProtocolSpec("imap", imap.ImapConfig, imap.ImapMachine),
     "pop3": _ProtocolSpec("pop3", pop3.Pop3Config, pop3.Pop3Machine),
     "smtp": _ProtocolSpec("smtp", smtp.SmtpConfig, smtp.SmtpMachine),
+    "sieve": _ProtocolSpec("sieve", sieve.SieveConfig, sieve.SieveMachine),
 }
 
 # Wire bytes and auth clients are prepared once per server block, not per session.
@@ -86,6 +90,7 @@ def handle(sock, peer, listen, server, worker):
     except gevent.GreenletExit:
         raise
     except Exception as exc:  # a bug must cost one session, never the worker
+        session.result = "error"
         session.log("alert", "session failed: %s: %s" % (type(exc).__name__, exc))
     finally:
         session.release()
@@ -106,12 +111,25 @@ class Session:
         self.upstream = None
         self.deadline = None
         self.backend = None
+        self.backend_tls = False
         self.handed_to_relay = False
         self.tls = False
         self.starttls = False  # nginx tags the session's log lines "using starttls" from STARTTLS on
         self.ssl_info = None
         self.proxy_protocol_info = None
+        self.sni_name = None
+        self.smtp_auth = None  # Auth-Method from the auth server (ours), over proxy_smtp_auth
         self.token = worker.session_started(self.close_now)
+        # Observability (metrics.py, session_log.py): the result words are defined in session_log.py.
+        self.started = time.monotonic()
+        self.metrics = metrics.for_protocol(server.protocol)
+        self.metrics.open.inc()
+        self.metrics.sessions.inc()
+        self.result = None
+        self.method = None
+        self.login_result = None
+        self.connected_at = None
+        self.ended = False
 
     # -- logging ---------------------------------------------------------------------------------
 
@@ -133,11 +151,12 @@ class Session:
     # -- the pre-relay phase ---------------------------------------------------------------------
 
     def run(self):
-        self.error_log.log(
-            "info",
-            "client %s connected to %s" % (_peer_text(self.client_ip, self.client_port), self.listen.text),
-            self.number,
-        )
+        if self.error_log.enabled("info"):
+            self.error_log.log(
+                "info",
+                "client %s connected to %s" % (_peer_text(self.client_ip, self.client_port), self.listen.text),
+                self.number,
+            )
         self.arm_deadline()
         if self.listen.proxy_protocol:
             self.read_proxy_protocol()
@@ -192,6 +211,7 @@ class Session:
             self.fail_socket("recv", exc)
 
     def timed_out(self):
+        self.result = "timeout"
         self.log("info", "client timed out (110: Connection timed out)")
         raise SessionClosed()
 
@@ -202,7 +222,7 @@ class Session:
     def send(self, data):
         self.sock.settimeout(self.server.timeout)
         try:
-            self.sock.sendall(data)
+            netio.send_all(self.sock, data)
         except socket.timeout:
             self.timed_out()
         except OSError as exc:
@@ -243,6 +263,7 @@ class Session:
         try:
             header, consumed = proxy_protocol.parse(peeked)
         except proxy_protocol.BrokenHeader as exc:
+            self.result = "error"
             self.log("error", exc.log_message)
             raise SessionClosed()
         while consumed:
@@ -282,19 +303,24 @@ class Session:
         self.sock.settimeout(remaining)
         # The SSL socket takes over the descriptor: from here self.sock must be the only owner.
         self.sock = gevent_ssl.SSLSocket(
-            sock=self.sock, server_side=True, do_handshake_on_connect=False, _context=tls.context_for(self.server),
+            sock=self.sock, server_side=True, do_handshake_on_connect=False,
+            _context=tls.context_for(self.server, self.listen),
         )
+        self.metrics.tls.inc()
         try:
             self.sock.do_handshake()
         except socket.timeout:
+            self.handshake_failed("timeout")
             raise SessionClosed()
         except ssl.SSLError as exc:
+            self.handshake_failed("error")
             if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
                 self.log("info", "peer closed connection in SSL handshake")
             else:
                 self.log("info", "SSL_do_handshake() failed (SSL: %s)" % tls.ssl_error_text(exc))
             raise SessionClosed()
         except OSError as exc:
+            self.handshake_failed("error")
             self.fail_socket("recv", exc)
         self.tls = True
         verdict = tls.client_verdict(self.sock, self.server)
@@ -305,6 +331,10 @@ class Session:
             self.send(reply)
             raise SessionClosed()
         self.ssl_info = tls.session_info(self.sock, self.server)
+        if tls.sni_group(self.listen) is not None:
+            # Certificates by SNI (ours): the default server runs the session; the auth server learns
+            # which name the client asked for, the one that chose the certificate.
+            self.sni_name = getattr(self.sock, "mailproxy_server_name", None)
 
     def resolve_client_host(self):
         """SMTP's Client-Host and XCLIENT NAME (spec 5); runs before the greeting, the client unread."""
@@ -322,7 +352,18 @@ class Session:
 
     # -- auth_http -------------------------------------------------------------------------------
 
+    def handshake_failed(self, result):
+        self.metrics.tls_failed.inc()
+        self.result = result
+
+    def login_done(self, result):
+        """The verdict on one login attempt, counted once (metrics.LOGIN_RESULTS says what each means)."""
+        if self.login_result is None:
+            self.login_result = self.result = result
+            self.metrics.login(self.method, result)
+
     def authenticate(self, attempt):
+        self.method, self.login_result = attempt.method, None
         self.deadline = None
         self.login = attempt.login
         self.action = "in http auth state"
@@ -335,22 +376,44 @@ class Session:
             proxy_protocol=self.proxy_protocol_info,
             ssl=self.ssl_info,
         )
+        if self.sni_name:
+            # Ours, only on addresses shared by SNI; last, so nginx's lines keep their order.
+            request = request[:-2] + b"Auth-SSL-Server-Name: " + auth_request.escape(
+                self.sni_name.encode("ascii", "replace")) + b"\r\n\r\n"
         client = auth_client(self.server)
-        while True:
+        cache = auth_cache.cache_for(self.server)
+        cache_key = outcome = None
+        if cache is not None:
+            cache_key = cache.key(self.server.protocol, attempt, self.client_ip, self.ssl_info is not None,
+                                  self.sni_name)
+            outcome = cache.get(cache_key)
+            if outcome is not None:
+                self.log("debug", "auth http cache hit")
+        while outcome is None:
+            began = time.monotonic()
             try:
                 reply = client.ask(request)
                 outcome = decide(reply, self.server.protocol, attempt.method, has_password=True)
             except AuthHttpError as exc:
+                self.metrics.auth_seconds.observe(time.monotonic() - began)
+                self.metrics.auth_errors.inc()
+                # client.py words every timeout this way (nginx's text); anything else is a failure.
+                self.login_done("timeout" if "timed out" in str(exc) else "temporary")
                 self.log("error", str(exc))
                 self.internal_error()
+            self.metrics.auth_seconds.observe(time.monotonic() - began)
             if isinstance(outcome, AuthRetry):
                 gevent.sleep(outcome.wait)
+                outcome = None
                 continue
-            break
+            if cache is not None:
+                cache.put(cache_key, outcome)
         if isinstance(outcome, AuthError):
+            self.login_done("temporary")
             self.log("error", outcome.log_message)
             self.internal_error()
         if isinstance(outcome, AuthFail):
+            self.login_done("invalid")
             if outcome.wait:
                 gevent.sleep(outcome.wait)
             actions = self.machine.auth_failed(
@@ -367,7 +430,13 @@ class Session:
                 self.arm_deadline()
             self.execute(actions)
             return
-        self.proxy(attempt, outcome)
+        self.smtp_auth = outcome.smtp_auth
+        try:
+            self.proxy(attempt, outcome)
+        except SessionClosed:
+            # Every way out of the backend login that is not a timeout is a backend or internal failure.
+            self.login_done("temporary")
+            raise
 
     def internal_error(self):
         self.send(self.config.internal_error)
@@ -381,10 +450,12 @@ class Session:
             self.login = ok.login
         login, password = self.login, ok.password if ok.password is not None else attempt.password
         self.action = "connecting to upstream"
-        deadline = time.monotonic() + self.server.timeout
+        deadline = began = time.monotonic()
+        deadline += self.server.timeout
         try:
-            self.backend = socket.create_connection((ok.addr, ok.port), timeout=self.server.timeout)
+            self.backend = netio.connect_ip(ok.addr, ok.port, self.server.timeout)
         except socket.timeout:
+            self.login_done("timeout")
             self.log("info", "upstream timed out (110: Connection timed out)")
             self.internal_error()
         except OSError as exc:
@@ -394,10 +465,15 @@ class Session:
             )
             self.internal_error()
         self.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connected_at = time.monotonic()
+        self.metrics.connect_seconds.observe(self.connected_at - began)
         if self.server.proxy_protocol != "off":
             self.action = "sending PROXY protocol header to upstream"
             self.send_backend(self.proxy_header(), deadline)
-        upstream = self.upstream_login(attempt, login, password)
+        tls_mode = upstream_tls.wanted(self.server, ok.ssl_upstream)
+        if tls_mode == "ssl":
+            self.backend_handshake(ok, deadline)
+        upstream = self.upstream_login(attempt, login, password, starttls=tls_mode == "starttls")
         self.action = "reading response from upstream"
         while True:
             remaining = deadline - time.monotonic()
@@ -416,6 +492,8 @@ class Session:
                     self.send_backend(action.data, deadline)
                 elif isinstance(action, LogPhase):
                     self.action = action.action
+                elif isinstance(action, StartTLS):
+                    self.backend_handshake(ok, deadline)
                 elif isinstance(action, Failed):
                     self.log(action.level, action.log_message)
                     if action.client_reply is None:
@@ -423,29 +501,63 @@ class Session:
                     self.send(action.client_reply)
                     raise SessionClosed()
                 elif isinstance(action, LoggedIn):
+                    self.metrics.login_seconds.observe(time.monotonic() - self.connected_at)
+                    self.login_done("ok")
+                    if self.backend_tls:
+                        upstream_tls.remember(self.server, self.backend, ok.addr, ok.port)
                     self.start_relay(action)
                     return
 
-    def upstream_login(self, attempt, login, password):
+    def backend_handshake(self, ok, deadline):
+        """proxy_ssl / proxy_starttls / Auth-SSL-Upstream (ours): TLS on the backend socket."""
+        action, self.action = self.action, upstream_tls.HANDSHAKING
+        sock, self.backend = self.backend, None  # the SSL socket takes over the descriptor
+        try:
+            self.backend = upstream_tls.handshake(self.server, sock, ok.addr, ok.port, deadline)
+        except upstream_tls.HandshakeFailed as exc:
+            sock.close()
+            self.log(exc.level, exc.message)
+            self.internal_error()
+        self.backend_tls = True
+        if self.backend.session_reused:
+            self.log("debug", "upstream SSL session reused")
+        self.action = action
+
+    def upstream_login(self, attempt, login, password, starttls=False):
         buffer = self.server.proxy_buffer
         passes = self.server.proxy_pass_error_message
         if self.server.protocol == "imap":
             return upstream_imap.ImapUpstreamLogin(
                 login=login, password=password, tag=attempt.tag,
-                proxy_buffer=buffer, pass_error_message=passes,
+                proxy_buffer=buffer, pass_error_message=passes, client_id=self.client_id(),
+                starttls=starttls,
             )
         if self.server.protocol == "pop3":
             return upstream_pop3.Pop3UpstreamLogin(
                 login=login, password=password, proxy_buffer=buffer, pass_error_message=passes,
+                client_id=self.client_id(), starttls=starttls,
+            )
+        if self.server.protocol == "sieve":
+            return upstream_sieve.SieveUpstreamLogin(
+                login=login, password=password, proxy_buffer=buffer, pass_error_message=passes,
+                starttls=starttls,
             )
         return upstream_smtp.SmtpUpstreamLogin(
             server_name=self.server.server_name, login=login, password=password,
             method=attempt.method, helo=attempt.helo, esmtp=attempt.esmtp,
             mail_from=attempt.mail_from, rcpt_to=attempt.rcpt_to,
             client_addr=self.client_ip, client_host=self.client_host,
-            xclient=self.server.xclient, smtp_auth=self.server.proxy_smtp_auth,
-            proxy_buffer=buffer, pass_error_message=passes,
+            xclient=self.server.xclient,
+            smtp_auth=self.smtp_auth if self.smtp_auth is not None else self.server.proxy_smtp_auth,
+            proxy_buffer=buffer, pass_error_message=passes, starttls=starttls,
         )
+
+    def client_id(self):
+        """proxy_client_id (ours): (client ip, port, local ip, port) for Dovecot's ID / XCLIENT, or None."""
+        if not self.server.proxy_client_id or self.client_ip == "unix:":
+            return None
+        local = self.sock.getsockname()
+        return (self.client_ip, self.client_port, local[0], local[1])
 
     def proxy_header(self):
         local = self.sock.getsockname()
@@ -458,7 +570,7 @@ class Session:
     def send_backend(self, data, deadline):
         self.backend.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            self.backend.sendall(data)
+            netio.send_all(self.backend, data)
         except socket.timeout:
             self.upstream_timed_out()
         except OSError as exc:
@@ -466,6 +578,7 @@ class Session:
             self.internal_error()
 
     def upstream_timed_out(self):
+        self.login_done("timeout")
         self.log("info", "upstream timed out (110: Connection timed out)")
         self.internal_error()
 
@@ -489,6 +602,7 @@ class Session:
             proxy_buffer=self.server.proxy_buffer,
             client_buffer=getattr(self.server, "%s_client_buffer" % self.server.protocol),
             tls=self.tls,
+            backend_tls=self.backend_tls,
             on_close=self.relay_closed,
         )
         self.handed_to_relay = True
@@ -510,6 +624,9 @@ class Session:
             )
         else:
             self.log("info", result.reason)
+        self.metrics.to_backend.inc(result.client_to_backend)
+        self.metrics.to_client.inc(result.backend_to_client)
+        self.finished(result.client_to_backend, result.backend_to_client)
         self.worker.session_finished(self.token)
 
     def close_now(self):
@@ -527,7 +644,20 @@ class Session:
                 except OSError as exc:
                     if exc.errno != errno.EBADF:
                         raise
+        self.finished(0, 0)
         self.worker.session_finished(self.token)
+
+    def finished(self, from_client, to_client):
+        if self.ended:
+            return
+        self.ended = True
+        self.metrics.open.dec()
+        if self.server.session_log:
+            session_log.record(
+                self.server.session_log, self.server.protocol, _peer_text(self.client_ip, self.client_port),
+                self.listen.text, self.login, self.upstream, self.result or "closed",
+                from_client, to_client, self.started,
+            )
 
 
 def _address_text(peer, listen):

@@ -68,17 +68,90 @@ _SHORT_NAMES = {
 _contexts = {}
 
 
+# (family, sockaddr) -> SniGroup, for addresses that several servers share (certificates by SNI, ours).
+_groups = {}
+
+
+class SniGroup:
+    """The servers on one address, chosen by the TLS server name; the first is the default.
+
+    The default server gets a context of its own for this address, whose sni_callback swaps in the matched
+    server's context: its certificate, CA list and ciphers then serve the handshake. Exact names win over
+    `*.domain` ones, the longest such suffix first; no name, or no match, leaves the default.
+    """
+
+    def __init__(self, default, servers):
+        self.default = default
+        self.exact = {}
+        self.wildcards = []
+        self.by_context = {}
+        for server in servers:
+            ctx = context_for(server)
+            self.by_context[id(ctx)] = server
+            name = server.server_name.lower()
+            if name.startswith("*."):
+                self.wildcards.append((name[1:], ctx))
+            else:
+                self.exact.setdefault(name, ctx)
+        self.wildcards.sort(key=lambda entry: -len(entry[0]))
+        self.context = build_context(default)
+        self.context.sni_callback = self._choose
+        self.by_context[id(self.context)] = default
+
+    def match(self, name):
+        name = name.lower().rstrip(".")
+        found = self.exact.get(name)
+        if found is None:
+            found = next((ctx for suffix, ctx in self.wildcards if name.endswith(suffix)), None)
+        return found
+
+    def _choose(self, sock, name, _ctx):
+        # Under gevent's patching OpenSSL hands over the raw socket, which points back at its SSL socket.
+        owner = getattr(sock, "_sslsock", None)
+        sock = owner() if owner is not None else sock
+        # The session reads the name back for Auth-SSL-Server-Name.
+        sock.mailproxy_server_name = name.lower() if name else None
+        if name:
+            found = self.match(name)
+            if found is not None:
+                sock.context = found
+        return None
+
+    def server_of(self, sock):
+        return self.by_context.get(id(sock.context), self.default)
+
+
 def prepare(config):
     """Build the context of every server that uses TLS; raise ConfigError as `-t` should report it."""
     fresh = {}
     for server in config.servers:
         if server.uses_tls:
             fresh[id(server)] = (server, build_context(server))
+    # Backend-side contexts are made at the same moment, for the same reasons (mailproxy/upstream_tls.py).
+    from mailproxy import upstream_tls
+
+    upstream_tls.prepare(config)
     _contexts.clear()
     _contexts.update(fresh)
+    sharing = {}
+    for server in config.servers:
+        for listen in server.listens:
+            sharing.setdefault((listen.family, listen.sockaddr), []).append(server)
+    _groups.clear()
+    for key, servers in sharing.items():
+        if len(servers) > 1:
+            _groups[key] = SniGroup(servers[0], servers)
 
 
-def context_for(server) -> ssl.SSLContext:
+def sni_group(listen):
+    """The SniGroup of the address `listen` names, or None when one server has it (nginx's case)."""
+    return _groups.get((listen.family, listen.sockaddr))
+
+
+def context_for(server, listen=None) -> ssl.SSLContext:
+    group = sni_group(listen) if listen is not None else None
+    if group is not None:
+        return group.context
     entry = _contexts.get(id(server))
     if entry is None or entry[0] is not server:
         # Only a process that skipped prepare() (an embedding test harness) gets here; it still works,

@@ -26,6 +26,7 @@ import signal
 import traceback
 
 from mailproxy import log as errorlog
+from mailproxy import session_log, status
 from mailproxy.listeners import is_transient_accept_error
 
 DEFAULT_HANDLER = "mailproxy.session:handle"
@@ -110,10 +111,12 @@ class Worker:
             if entry is not None:
                 entry[1].append(token)
         self.sessions[token] = (entry[0] if entry else None, closer)
+        status.publish(len(self.sessions))
         return token
 
     def session_finished(self, token):
         if self.sessions.pop(token, None) is not None:
+            status.publish(len(self.sessions))
             self.active -= 1
             self._slot_freed()
 
@@ -139,6 +142,7 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         self._start_accepting()
         self._done.wait()
+        session_log.flush_all()
         self.log.log("notice", "exiting")
 
     def _start_accepting(self):
@@ -197,11 +201,16 @@ class Worker:
         import gevent
 
         sock = self._gsocket(binding.sock.family, binding.sock.type, 0, fileno=fd)
-        try:
-            listen, server = binding.route(sock.getsockname())
-        except OSError:
-            sock.close()  # reset before we looked at it
-            return
+        if binding.routes:
+            # Only a wildcard socket shared with address-specific servers needs the local address
+            # (a getsockname(2) per connection), as nginx looks it up only for wildcard listens.
+            try:
+                listen, server = binding.route(sock.getsockname())
+            except OSError:
+                sock.close()  # reset before we looked at it
+                return
+        else:
+            listen, server = binding.listen, binding.server
         greenlet = gevent.Greenlet(self._serve, sock, peer, listen, server)
         self._unclaimed[greenlet] = [server, []]
         self.active += 1
@@ -276,11 +285,13 @@ class Worker:
             self._done.set()
 
     def handle_term(self):
+        session_log.flush_all()
         self.log.log("notice", "exiting")
         os._exit(0)
 
     def handle_usr1(self):
         self.log.log("notice", "reopening logs")
+        session_log.flush_all()  # the buffered lines belong to the file being rotated away
         for failure in errorlog.reopen_all():
             self.log.log("alert", failure)
 

@@ -23,6 +23,8 @@ import time
 import pytest
 
 DOVECOT = "/usr/sbin/dovecot"
+# Pigeonhole (dovecot-managesieved): only when installed does the fixture serve ManageSieve too.
+MANAGESIEVE = "/usr/lib/dovecot/managesieve"
 POSTFIX = "/usr/sbin/postfix"
 MAIL_USER = "nobody"
 MAIL_DOMAIN = "example.test"
@@ -127,9 +129,9 @@ def wait_for_log(path: str, needle: str, timeout: float = 10.0) -> str:
 _DOVECOT_CONF = """\
 base_dir = {root}/run
 state_dir = {root}/state
-protocols = imap pop3
+protocols = imap pop3{sieve_protocol}
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login cram-md5 apop
 auth_verbose = yes
@@ -160,7 +162,8 @@ service imap-login {{
     port = {imap}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {imaps}
   }}
   inet_listener imap_haproxy {{
     address = 127.0.0.1
@@ -174,7 +177,8 @@ service pop3-login {{
     port = {pop3}
   }}
   inet_listener pop3s {{
-    port = 0
+    address = 127.0.0.1
+    port = {pop3s}
   }}
   inet_listener pop3_haproxy {{
     address = 127.0.0.1
@@ -197,11 +201,29 @@ service lmtp {{
     mode = 0
   }}
 }}
+{managesieve}"""
+
+_MANAGESIEVE_CONF = """\
+service managesieve-login {{
+  inet_listener sieve {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+}}
 """
 
 
 class Dovecot:
-    def __init__(self):
+    def __init__(self, ssl_cert=None, ssl_key=None):
+        # With a certificate (PEM paths): ssl = required, imaps/pop3s on their own ports, STARTTLS on
+        # the plain ones. Without: ssl = no and no TLS ports, as before.
+        self.ssl_cert, self.ssl_key = ssl_cert, ssl_key
+        self.imaps_port = free_port() if ssl_cert else 0
+        self.pop3s_port = free_port() if ssl_cert else 0
+        self.sieve_port = free_port() if os.access(MANAGESIEVE, os.X_OK) else None
         self.root = _private_root("dovecot-")
         self.log_path = os.path.join(self.root, "dovecot.log")
         self.maildir_root = os.path.join(self.root, "mail")
@@ -230,6 +252,12 @@ class Dovecot:
                     pop3=self.pop3_port,
                     imap_haproxy=self.imap_haproxy_port,
                     pop3_haproxy=self.pop3_haproxy_port,
+                    imaps=self.imaps_port,
+                    pop3s=self.pop3s_port,
+                    sieve_protocol=" sieve" if self.sieve_port else "",
+                    managesieve=_MANAGESIEVE_CONF.format(port=self.sieve_port) if self.sieve_port else "",
+                    ssl="ssl = required\nssl_cert = <%s\nssl_key = <%s" % (self.ssl_cert, self.ssl_key)
+                    if self.ssl_cert else "ssl = no",
                 )
             )
         console = os.path.join(self.root, "console")
@@ -243,7 +271,8 @@ class Dovecot:
             )
         try:
             # The haproxy listeners never greet before a header, so readiness is judged on the rest.
-            _wait_ready(self.process, [self.imap_port, self.pop3_port], self.log_path, console)
+            ports = [self.imap_port, self.pop3_port] + ([self.sieve_port] if self.sieve_port else [])
+            _wait_ready(self.process, ports, self.log_path, console)
         except Exception:
             self.stop()
             raise
@@ -345,7 +374,9 @@ postlog   unix-dgram n - n - 1 postlogd
 
 
 class Postfix:
-    def __init__(self):
+    def __init__(self, tls_cert=None, tls_key=None):
+        # With a certificate (PEM paths): smtpd_tls_security_level = encrypt, STARTTLS before anything.
+        self.tls_cert, self.tls_key = tls_cert, tls_key
         self.root = _private_root("postfix-")
         self.config_dir = os.path.join(self.root, "etc")
         self.log_path = os.path.join(self.root, "maillog")
@@ -377,8 +408,13 @@ class Postfix:
                     gid=entry.pw_gid,
                 )
             )
+            if self.tls_cert:
+                main.write("smtpd_tls_cert_file = %s\nsmtpd_tls_key_file = %s\n"
+                           "smtpd_tls_security_level = encrypt\n" % (self.tls_cert, self.tls_key))
         with open(os.path.join(self.config_dir, "master.cf"), "w") as master:
             master.write(_POSTFIX_MASTER.format(smtp=self.smtp_port, proxy=self.smtp_proxy_port))
+            if self.tls_cert:
+                master.write("tlsmgr    unix  - - n 1000? 1 tlsmgr\n")
         console = os.path.join(self.root, "console")
         with open(console, "w") as output:
             # Before maillog exists (bad main.cf, failed checks) postfix only talks to stderr.

@@ -24,6 +24,8 @@ from collections import deque
 
 from gevent import socket
 
+from mailproxy.netio import send_all
+
 from .response import AuthHttpError, ReplyParser
 
 RECV_SIZE = 4096
@@ -182,7 +184,7 @@ class AuthHttpClient:
     def _send(self, conn: _Connection, request: bytes) -> None:
         try:
             conn.sock.settimeout(self._remaining(conn))
-            conn.sock.sendall(request)
+            send_all(conn.sock, request)
         except socket.timeout:
             raise AuthHttpError(self._timed_out) from None
         except OSError as exc:

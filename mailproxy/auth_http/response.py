@@ -25,6 +25,7 @@ _DIGITS = re.compile(rb"[0-9]+")
 _IPV4 = re.compile(rb"([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)")
 _OAUTH_METHODS = frozenset(("xoauth2", "oauthbearer"))
 _NO_PASSWORD_METHODS = frozenset(("apop", "cram-md5", "external"))
+_SMTP_AUTH_METHODS = frozenset((b"none", b"plain", b"login"))
 
 
 class AuthHttpError(Exception):
@@ -54,6 +55,8 @@ class AuthReply:
     wait: Optional[int] = None  # Auth-Wait seconds, the last valid value
     error_code: Optional[bytes] = None
     error_sasl: Optional[bytes] = None
+    method: Optional[bytes] = None  # Auth-Method (ours): how to log in to an SMTP backend this session
+    ssl_upstream: Optional[bytes] = None  # ours: Auth-SSL-Upstream, TLS to this backend
     # Connection reuse (keep-alive mode only).
     http_version: Optional[bytes] = None  # b"HTTP/1.1", ... ; None without a status line
     http_status: Optional[int] = None
@@ -119,6 +122,8 @@ _HEADERS = {
     b"auth-wait": _set_wait,
     b"auth-error-code": _setter("error_code"),
     b"auth-error-sasl": _setter("error_sasl"),
+    b"auth-method": _setter("method"),
+    b"auth-ssl-upstream": _setter("ssl_upstream"),
     b"connection": _setter("connection"),
     b"content-length": _set_content_length,
     b"transfer-encoding": _set_transfer_encoding,
@@ -235,6 +240,11 @@ class AuthOk:
     login: Optional[bytes]  # Auth-User, None = keep the client's login
     password: Optional[bytes]  # Auth-Pass, None = keep the client's password
     family: int = socket.AF_INET
+    # Auth-SSL-Upstream: on (ours) turns TLS to this backend on for the session whatever proxy_ssl says;
+    # "off" or absence leaves the server's proxy_ssl/proxy_starttls in charge (it never turns TLS off).
+    ssl_upstream: bool = False
+    # SMTP backend login chosen by the auth server (ours): "none", "plain" or "login"; None = proxy_smtp_auth
+    smtp_auth: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -316,6 +326,12 @@ def decide(reply: AuthReply, protocol: str, method: str, has_password: bool):
     if not 1 <= port <= 65535:
         return AuthError('auth http server %s sent invalid server port:"%s"' % (peer, _text(reply.port)))
     family, addr = address
+    # Any other Auth-Method value is ignored, as nginx ignores the header: an auth server echoing the
+    # request's "Auth-Method: cram-md5" must not change the backend login.
+    smtp_auth = None
+    if protocol == "smtp" and reply.method is not None and reply.method.lower() in _SMTP_AUTH_METHODS:
+        smtp_auth = _text(reply.method.lower())
     return AuthOk(
-        addr, port, "%s:%s" % (_text(reply.server), _text(reply.port)), reply.user, reply.password, family
+        addr, port, "%s:%s" % (_text(reply.server), _text(reply.port)), reply.user, reply.password, family,
+        ssl_upstream=(reply.ssl_upstream or b"").lower() == b"on", smtp_auth=smtp_auth,
     )

@@ -31,6 +31,12 @@ POP3_AUTH = ("plain", "apop", "cram-md5", "external", "xoauth2", "oauthbearer")
 SMTP_AUTH = ("plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer", "none")
 SSL_PROTOCOLS = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 OAUTH = frozenset({"xoauth2", "oauthbearer"})
+SIEVE_AUTH = ("plain", "login", "xoauth2", "oauthbearer")
+# What Dovecot Pigeonhole enables out of the box, the usual backend; operators with another set say so.
+SIEVE_EXTENSIONS = ("fileinto", "reject", "envelope", "encoded-character", "vacation", "subaddress",
+                    "comparator-i;ascii-numeric", "relational", "regex", "imap4flags", "copy", "include",
+                    "variables", "body", "enotify", "environment", "mailbox", "date", "index", "ihave",
+                    "duplicate", "mime", "foreverypart", "extracttext", "NOTIFY=mailto")
 
 
 @dataclass(frozen=True)
@@ -89,14 +95,30 @@ DIRECTIVES = (
     _mail("auth_http_pass_client_cert", ONE, v.flag, False),
     _mail("auth_http_timeout", ONE, v.time_msec, 60.0),
     _mail("auth_http_keepalive", ONE, v.flag, False),
+    _mail("auth_http_cache", MORE, v.auth_http_cache, None),  # ours, off by default
     # ngx_mail_proxy_module
     _mail("proxy", ONE, v.flag, False),
     _mail("proxy_buffer", ONE, v.size, lambda merged: pagesize()),
     _mail("proxy_timeout", ONE, v.time_msec, 86400.0),
     _mail("proxy_pass_error_message", ONE, v.flag, False),
     _mail("xclient", ONE, v.flag, True),
-    _mail("proxy_smtp_auth", ONE, v.flag, False),
+    _mail("proxy_smtp_auth", ONE, v.proxy_smtp_auth, False),
+    # ours, off by default: Dovecot's ID / XCLIENT naming the client to IMAP and POP3 backends
+    _mail("proxy_client_id", ONE, v.flag, False),
     _mail("proxy_protocol", ONE, v.proxy_protocol, "off"),
+    # TLS to the backends (ours, named after ngx_stream_proxy_module's; all off, see mailproxy/upstream_tls.py)
+    _mail("proxy_ssl", ONE, v.flag, False),
+    _mail("proxy_starttls", ONE, v.flag, False),
+    _mail("proxy_ssl_verify", ONE, v.flag, False),
+    _mail("proxy_ssl_verify_depth", ONE, v.number, 1),
+    _mail("proxy_ssl_trusted_certificate", ONE, v.conf_path, None),
+    _mail("proxy_ssl_name", ONE, v.word, None),
+    _mail("proxy_ssl_server_name", ONE, v.flag, False),
+    _mail("proxy_ssl_certificate", ONE, v.conf_path, None),
+    _mail("proxy_ssl_certificate_key", ONE, v.conf_path, None),
+    _mail("proxy_ssl_protocols", MORE, v.bitmask(*SSL_PROTOCOLS), frozenset({"TLSv1.2", "TLSv1.3"}), "or"),
+    _mail("proxy_ssl_ciphers", ONE, v.word, "DEFAULT"),
+    _mail("proxy_ssl_session_reuse", ONE, v.flag, True),
     # ngx_mail_imap_module, ngx_mail_pop3_module, ngx_mail_smtp_module
     _mail("imap_auth", MORE, v.bitmask(*IMAP_AUTH), frozenset({"plain"}), "or"),
     _mail("imap_capabilities", MORE, v.words, ("IMAP4", "IMAP4rev1", "UIDPLUS"), "append"),
@@ -108,6 +130,10 @@ DIRECTIVES = (
     _mail("smtp_capabilities", MORE, v.words, (), "append"),
     _mail("smtp_client_buffer", ONE, v.size, lambda merged: pagesize()),
     _mail("smtp_greeting_delay", ONE, v.time_msec, 0.0),
+    # ManageSieve (ours): the SIEVE extensions are advertised before the backend is known (RFC 5804 1.7)
+    _mail("sieve_auth", MORE, v.bitmask(*SIEVE_AUTH), frozenset({"plain"}), "or"),
+    _mail("sieve_capabilities", MORE, v.words, SIEVE_EXTENSIONS, "append"),
+    _mail("sieve_client_buffer", ONE, v.size, lambda merged: pagesize()),
     # ngx_mail_ssl_module
     _mail("starttls", ONE, v.enum("on", "off", "only"), "off"),
     _mail("ssl_certificate", ONE, lambda ctx, args: (v.conf_path(ctx, args),), (), "append"),
@@ -131,6 +157,9 @@ DIRECTIVES = (
     _mail("ssl_conf_command", (2, 2), lambda ctx, args: (v.pair(ctx, args),), (), "append"),
     # ngx_mail_realip_module
     _mail("set_real_ip_from", ONE, v.network, (), "append"),
+    # observability (ours, off by default): the master serves metrics; sessions write one line each
+    Directive("metrics_listen", frozenset({"mail"}), ONE, v.metrics_listen, None),
+    _mail("session_log", (1, 2), v.session_log, None),
 )
 
 BY_NAME = {d.name: d for d in DIRECTIVES}

@@ -71,6 +71,8 @@ class Loader:
         self.mail = None
         self.servers = []
         self.listen_keys = set()
+        self.listen_owners = {}  # (family, sockaddr) -> (server block, Listen): the address's default server
+        self.shared_listens = []  # (Listen, server block, owner, where): later servers on an address
         self.include_depth = 0
 
     def warn(self, text):
@@ -193,8 +195,17 @@ class Loader:
             if key in self.listen_keys:
                 if any((l.family, l.sockaddr) == key for l in fresh):
                     continue  # one hostname resolving twice to the same address is not an error
-                raise ConfigError('duplicate "%s" address and port pair' % one.text + st.where)
-            self.listen_keys.add(key)
+                owner = self.listen_owners.get(key)
+                if owner is None or owner[0] is block:
+                    raise ConfigError('duplicate "%s" address and port pair' % one.text + st.where)
+                # Certificates by SNI (ours): whether this is allowed depends on server_name and starttls,
+                # which may come later in the file; finish_mail() decides, with this line's location.
+                if one.ssl != owner[1].ssl:
+                    raise ConfigError('duplicate "%s" address and port pair' % one.text + st.where)
+                self.shared_listens.append((one, block, owner, st.where))
+            else:
+                self.listen_keys.add(key)
+                self.listen_owners[key] = (block, one)
             fresh.append(one)
             if block.auto_protocol is None and one.family != socket.AF_UNIX:
                 port = one.sockaddr[1]
@@ -210,6 +221,7 @@ class Loader:
 
     def finish_mail(self):
         merged = [self.merge(server) for server in self.mail.servers]
+        self.check_shared_listens(dict((id(server), m) for server, m in zip(self.mail.servers, merged)))
         for server, m in zip(self.mail.servers, merged):
             m["protocol"] = server.values.get("protocol") or server.auto_protocol
             if m["protocol"] is None:
@@ -241,6 +253,29 @@ class Loader:
         merged["error_log"] = server.values.get("error_log") or self.mail.values.get("error_log")
         merged["_where"] = where
         return merged
+
+    def check_shared_listens(self, merged):
+        """Several servers on one address choose their certificate by SNI (ours); nginx refuses them all.
+
+        Allowed only between servers of one protocol that all use TLS on that address (each `listen ... ssl`,
+        or each with starttls) under distinct server names; anything else keeps nginx's error.
+        """
+        names = {}
+        for listen, block, (first_block, first_listen), where in self.shared_listens:
+            key = (listen.family, listen.sockaddr)
+            mine, first = merged[id(block)], merged[id(first_block)]
+            taken = names.setdefault(key, {first["server_name"]})
+
+            def tls_on(listen, m):
+                return listen.ssl or m["starttls"] != "off"
+
+            def protocol(block):
+                return block.values.get("protocol") or block.auto_protocol
+
+            if (not tls_on(listen, mine) or not tls_on(first_listen, first)
+                    or protocol(block) != protocol(first_block) or mine["server_name"] in taken):
+                raise ConfigError('duplicate "%s" address and port pair' % listen.text + where)
+            taken.add(mine["server_name"])
 
     def check_tls(self, server, m):
         ssl_listen = server.ssl_listen_where
@@ -278,6 +313,7 @@ class Loader:
             worker_rlimit_nofile=main.get("worker_rlimit_nofile"),
             worker_shutdown_timeout=main.get("worker_shutdown_timeout"),
             worker_connections=self.events.values.get("worker_connections", 512),
+            metrics_listen=self.mail.values.get("metrics_listen") if self.mail else None,
         )
         servers = tuple(self.server_settings(block, m, error_log) for block, m in self.servers)
         return Config(path=self.path, prefix=self.prefix, main=settings, servers=servers,

@@ -73,6 +73,8 @@ class MainSettings:
     worker_rlimit_nofile: Optional[int]
     worker_shutdown_timeout: Optional[float]
     worker_connections: int
+    # mail-level `metrics_listen` (ours): (family, sockaddr, text) or None = no metrics endpoint
+    metrics_listen: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,29 @@ class ServerSettings:
     auth_http_pass_client_cert: bool
     auth_http_timeout: float
     auth_http_keepalive: bool
+    auth_http_cache: Optional[tuple]  # ours: (ttl, negative ttl or None, max entries) or None
     # ngx_mail_proxy_module
     proxy: bool
     proxy_buffer: int
     proxy_timeout: float
     proxy_pass_error_message: bool
     xclient: bool
-    proxy_smtp_auth: bool
+    proxy_smtp_auth: object  # False, "plain" (nginx's on) or "login" (ours)
+    proxy_client_id: bool  # ours
     proxy_protocol: str
+    # TLS to the backends (ours; mailproxy/upstream_tls.py)
+    proxy_ssl: bool
+    proxy_starttls: bool
+    proxy_ssl_verify: bool
+    proxy_ssl_verify_depth: int
+    proxy_ssl_trusted_certificate: Optional[str]
+    proxy_ssl_name: Optional[str]
+    proxy_ssl_server_name: bool
+    proxy_ssl_certificate: Optional[str]
+    proxy_ssl_certificate_key: Optional[str]
+    proxy_ssl_protocols: frozenset
+    proxy_ssl_ciphers: str
+    proxy_ssl_session_reuse: bool
     # ngx_mail_imap_module, ngx_mail_pop3_module, ngx_mail_smtp_module
     imap_auth: frozenset
     imap_capabilities: tuple
@@ -117,6 +134,10 @@ class ServerSettings:
     smtp_capabilities: tuple
     smtp_client_buffer: int
     smtp_greeting_delay: float
+    # ManageSieve (ours)
+    sieve_auth: frozenset
+    sieve_capabilities: tuple
+    sieve_client_buffer: int
     # ngx_mail_ssl_module
     starttls: str
     ssl_certificate: tuple
@@ -140,6 +161,8 @@ class ServerSettings:
     ssl_conf_command: tuple
     # ngx_mail_realip_module
     set_real_ip_from: tuple
+    # ours: (path, "json" | "combined") or None
+    session_log: Optional[tuple] = None
 
     @property
     def uses_tls(self):

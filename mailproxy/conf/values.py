@@ -19,7 +19,8 @@ UNIX_PATH_MAX = 108
 # nginx keeps times in a signed 32-bit int of milliseconds (or seconds for *_sec slots).
 INT32_MAX = 2**31 - 1
 # Ports that imply a protocol when a server has none (spec 1.5); TLS is never implied.
-PROTOCOL_PORTS = {"imap": (143, 993), "pop3": (110, 995), "smtp": (25, 465, 587)}
+# sieve is ours (ManageSieve, RFC 5804; nginx has none): 4190 is its IANA port.
+PROTOCOL_PORTS = {"imap": (143, 993), "pop3": (110, 995), "smtp": (25, 465, 587), "sieve": (4190,)}
 # (unit, seconds, rank): nginx wants units in decreasing size, each used once.
 TIME_UNITS = {"y": (31536000, 8), "M": (2592000, 7), "w": (604800, 6), "d": (86400, 5), "h": (3600, 4),
               "m": (60, 3), "s": (1, 2), "ms": (0.001, 1)}
@@ -133,6 +134,34 @@ def enum(*choices):
             raise BadValue('invalid value "%s"' % args[0])
         return word
     return parse_enum
+
+
+def proxy_smtp_auth(ctx, args):
+    """nginx's flag, plus the mechanism (ours): False, "plain" (nginx's `on`) or "login"."""
+    word = args[0].lower()
+    if word in ("plain", "login"):
+        return word
+    # Anything else is worded as the flag nginx knows, so nginx configurations see nginx's errors.
+    return "plain" if flag(ctx, args) else False
+
+
+def auth_http_cache(ctx, args):
+    """`off` or `TIME [negative=TIME] [max=N]` (ours) -> None or (ttl, negative ttl or None, max entries)."""
+    if args == ["off"]:
+        return None
+    ttl = parse_time(args[0], msec=True)
+    if not ttl:
+        raise BadValue('"%s" directive invalid value' % ctx.name)
+    negative, limit = None, 10000
+    for arg in args[1:]:
+        name, _, text = arg.partition("=")
+        if name == "negative" and parse_time(text, msec=True) is not None:
+            negative = parse_time(text, msec=True) or None
+        elif name == "max" and parse_number(text):
+            limit = parse_number(text)
+        else:
+            raise BadValue('invalid parameter "%s"' % arg)
+    return (ttl, negative, limit)
 
 
 def proxy_protocol(ctx, args):
@@ -496,3 +525,30 @@ def ssl_session_cache(ctx, args):
         else:
             raise BadValue('invalid session cache "%s"' % arg)
     return tuple(caches)
+
+
+# --- observability (ours, off by default) ----------------------------------------------------------------
+
+def metrics_listen(ctx, args):
+    """`metrics_listen [host:]port` -> (family, (ip, port), text); one address, not a listen socket set."""
+    host, port_text = _split_host_port(args[0], "metrics_listen", port_only_ok=True)
+    if port_text is None:
+        raise BadValue("no port in metrics_listen")
+    port = _port(port_text, "metrics_listen")
+    family, ip = _resolve(host or "127.0.0.1", "metrics_listen", first_only=True)[0]
+    return (family, (ip, port), addr_text(family, ip, port))
+
+
+SESSION_LOG_FORMATS = ("json", "combined")
+
+
+def session_log(ctx, args):
+    """`session_log off | FILE [json|combined]` -> None or (absolute path, format)."""
+    if args[0] == "off":
+        if len(args) > 1:
+            raise BadValue('invalid parameter "%s"' % args[1])
+        return None
+    fmt = args[1] if len(args) > 1 else "combined"
+    if fmt not in SESSION_LOG_FORMATS:
+        raise BadValue('invalid session log format "%s"' % fmt)
+    return (os.path.normpath(os.path.join(ctx.prefix, args[0])), fmt)

@@ -9,10 +9,11 @@ header; the machine owns every byte of the dialogue.
 from dataclasses import dataclass
 from typing import List, Optional
 
-from mailproxy.protocol.common import Send
+from mailproxy.protocol.common import Send, StartTLS
 
 __all__ = [
     "Send",
+    "StartTLS",
     "LogPhase",
     "LoggedIn",
     "Failed",
@@ -23,6 +24,9 @@ __all__ = [
 
 # Log actions (spec 6.2); the session puts them behind "while".
 READING = "reading response from upstream"
+# proxy_starttls (ours): the session handshakes on the backend socket when it meets StartTLS, then
+# carries on with the actions after it, which already belong to the encrypted dialogue.
+SENDING_STARTTLS = "sending STARTTLS to upstream"
 
 # nginx ends the login silently on a backend EOF (recv() of 0 logs nothing); an operator is better
 # served by one line saying why the client got the internal-error reply.
@@ -178,6 +182,11 @@ class UpstreamLogin:
         # nginx terminates the full buffer in place, over its last byte, before printing it.
         message = 'upstream sent too long response line: "%s"' % log_text(data[:-1])
         return self._fail("error", message, None)
+
+    def _start_tls(self) -> List[object]:
+        # Whatever followed the "go ahead" reply came before the handshake, in the clear: it was
+        # dropped with the buffer (receive_data), so nothing injected there reaches the login.
+        return [StartTLS()]
 
     def _logged_in(self, reply: bytes, rest: bytes) -> List[object]:
         self._finished = True

@@ -8,15 +8,28 @@ synchronizing: the backend answers each with a "+" continuation before the next 
 import enum
 from typing import List
 
-from .common import UpstreamLogin, line_end
+from .common import SENDING_STARTTLS, UpstreamLogin, line_end
 
 SENDING_LOGIN = "sending LOGIN command to upstream"
 SENDING_USER = "sending user name to upstream"
 SENDING_PASSWORD = "sending password to upstream"
+SENDING_ID = "sending ID to upstream"
+
+
+def id_command(tag: bytes, client_ip: str, client_port: int, local_ip: str, local_port: int) -> bytes:
+    """Dovecot's ID fields naming the real client: a backend that trusts the proxy (login_trusted_networks)
+    logs and applies its rules to this address instead of the proxy's."""
+    fields = (("x-originating-ip", client_ip), ("x-originating-port", client_port),
+              ("x-connected-ip", local_ip), ("x-connected-port", local_port))
+    # Addresses and ports never hold quotes or backslashes, so plain quoted strings are enough.
+    body = " ".join('"%s" "%s"' % (name, value) for name, value in fields)
+    return b"%s ID (%s)\r\n" % (tag, body.encode("ascii"))
 
 
 class _State(enum.Enum):
     GREETING = "greeting"
+    STARTTLS = "starttls"  # proxy_starttls: "<tag> STARTTLS" sent, waiting for "<tag> OK"
+    ID = "id"  # proxy_client_id: "<tag> ID (...)" sent, waiting for any tagged reply
     LOGIN = "login"  # LOGIN {n} sent, waiting for "+"
     USER = "user"  # <login> {m} sent, waiting for "+"
     PASSWORD = "password"  # <password> sent, waiting for "<tag> OK"
@@ -30,16 +43,28 @@ class ImapUpstreamLogin(UpstreamLogin):
         tag: bytes,
         proxy_buffer: int = 4096,
         pass_error_message: bool = False,
+        starttls: bool = False,
+        client_id=None,
     ):
         super().__init__(proxy_buffer, pass_error_message)
         self._login = login
         self._password = password
+        self._starttls = starttls
+        # proxy_client_id (ours): (client ip, client port, local ip, local port), named before LOGIN
+        self._client_id = client_id
         # A tag never contains a space; accept it with or without the separator the client used.
         self._tag = tag.rstrip(b" ")
         self._state = _State.GREETING
 
     def _response_end(self, buffer: bytes) -> int:
         end = line_end(buffer, 0)
+        if self._state in (_State.STARTTLS, _State.ID):
+            # Untagged lines before the tagged STARTTLS reply are read past; only the tagged line counts.
+            start = 0
+            while end > 0 and buffer.startswith(b"* ", start):
+                start = end
+                end = line_end(buffer, start)
+            return end
         if end < 0 or self._state is not _State.PASSWORD or not buffer.startswith(b"* "):
             return end
         # One untagged line (a CAPABILITY, typically) may precede the tagged reply; the tagged line
@@ -51,9 +76,19 @@ class ImapUpstreamLogin(UpstreamLogin):
         if state is _State.GREETING:
             if not response.startswith(b"* OK"):
                 return self._invalid(response[:-2], response)
-            self._state = _State.LOGIN
-            line = b"%s LOGIN {%d}\r\n" % (self._tag, len(self._login))
-            return self._step(SENDING_LOGIN, line)
+            if self._starttls:
+                self._state = _State.STARTTLS
+                return self._step(SENDING_STARTTLS, b"%s STARTTLS\r\n" % self._tag)
+            return self._send_login()
+        if state is _State.STARTTLS:
+            tagged = response.rsplit(b"\r\n", 2)[-2] + b"\r\n"
+            if not tagged.startswith(self._tag + b" OK"):
+                return self._invalid(tagged[:-2], response)
+            return self._start_tls() + self._send_login()
+        if state is _State.ID:
+            # The ID is advice: a backend that refuses it (BAD, NO) still gets the login.
+            self._client_id = None
+            return self._send_login()
         if state is _State.LOGIN:
             if not response.startswith(b"+"):
                 return self._invalid(response[:-2], response)
@@ -72,3 +107,10 @@ class ImapUpstreamLogin(UpstreamLogin):
             # gets everything the backend said.
             return self._invalid(tagged[:-2], response)
         return self._logged_in(response, rest)
+
+    def _send_login(self) -> List[object]:
+        if self._client_id is not None:
+            self._state = _State.ID
+            return self._step(SENDING_ID, id_command(self._tag, *self._client_id))
+        self._state = _State.LOGIN
+        return self._step(SENDING_LOGIN, b"%s LOGIN {%d}\r\n" % (self._tag, len(self._login)))

@@ -8,7 +8,7 @@ import base64
 import enum
 from typing import List
 
-from .common import READING, Send, UpstreamLogin, line_end
+from .common import READING, SENDING_STARTTLS, Send, UpstreamLogin, line_end
 
 SENDING_HELO = "sending HELO/EHLO to upstream"
 SENDING_XCLIENT = "sending XCLIENT to upstream"
@@ -38,21 +38,29 @@ def xclient_addr(client_addr: str) -> str:
 
 class _State(enum.Enum):
     GREETING = "greeting"  # want 220
+    TLS_EHLO = "tls_ehlo"  # proxy_starttls: EHLO before STARTTLS sent, want 250
+    STARTTLS = "starttls"  # want 220
     HELO = "helo"  # our HELO/EHLO sent, want 250
     XCLIENT = "xclient"  # want 220 or 250
     CLIENT_HELO = "client_helo"  # want 250
     MAIL = "mail"  # want 250
     RCPT = "rcpt"  # any reply ends the login
     AUTH = "auth"  # want 235
+    AUTH_LOGIN = "auth_login"  # AUTH LOGIN sent (ours), want 334
+    AUTH_USER = "auth_user"  # base64 user name sent, want 334
 
 
 _EXPECTED = {
     _State.GREETING: (b"220",),
+    _State.TLS_EHLO: (b"250",),
+    _State.STARTTLS: (b"220",),
     _State.HELO: (b"250",),
     _State.XCLIENT: (b"220", b"250"),
     _State.CLIENT_HELO: (b"250",),
     _State.MAIL: (b"250",),
     _State.AUTH: (b"235",),
+    _State.AUTH_LOGIN: (b"334",),
+    _State.AUTH_USER: (b"334",),
 }
 
 
@@ -79,8 +87,10 @@ class SmtpUpstreamLogin(UpstreamLogin):
         smtp_auth: bool = False,
         proxy_buffer: int = 4096,
         pass_error_message: bool = False,
+        starttls: bool = False,
     ):
         super().__init__(proxy_buffer, pass_error_message)
+        self._starttls = starttls
         self._server_name = server_name.encode("ascii")
         self._login = login
         self._password = password
@@ -92,7 +102,8 @@ class SmtpUpstreamLogin(UpstreamLogin):
         self._client_addr = xclient_addr(client_addr)
         self._client_host = client_host
         self._xclient = xclient
-        self._smtp_auth = smtp_auth
+        # False/"none": no AUTH; True (nginx's on) and "plain": AUTH PLAIN; "login": AUTH LOGIN (ours).
+        self._smtp_auth = "plain" if smtp_auth is True else (smtp_auth if smtp_auth not in ("none", None) else False)
         self._state = _State.GREETING
 
     def xclient_line(self) -> bytes:
@@ -119,10 +130,19 @@ class SmtpUpstreamLogin(UpstreamLogin):
             return self._logged_in(response, rest)
         if response[:3] not in _EXPECTED[state]:
             return self._invalid(response[:-2], response)
-        if state is _State.GREETING:
+        if state is _State.GREETING and self._starttls:
+            # STARTTLS is an ESMTP extension, so this first greeting is always EHLO; the one after the
+            # handshake follows nginx's rule (RFC 3207 makes the server forget the first).
+            self._state = _State.TLS_EHLO
+            return self._step(SENDING_HELO, b"EHLO %s\r\n" % self._server_name)
+        if state is _State.TLS_EHLO:
+            self._state = _State.STARTTLS
+            return self._step(SENDING_STARTTLS, b"STARTTLS\r\n")
+        if state in (_State.GREETING, _State.STARTTLS):
+            tls = self._start_tls() if state is _State.STARTTLS else []
             self._state = _State.HELO
             verb = b"EHLO" if self._esmtp or self._xclient else b"HELO"
-            return self._step(SENDING_HELO, b"%s %s\r\n" % (verb, self._server_name))
+            return tls + self._step(SENDING_HELO, b"%s %s\r\n" % (verb, self._server_name))
         if state is _State.HELO and self._xclient:
             self._state = _State.XCLIENT
             return self._step(SENDING_XCLIENT, self.xclient_line())
@@ -135,6 +155,12 @@ class SmtpUpstreamLogin(UpstreamLogin):
             return self._step(SENDING_RCPT, _with_crlf(self._rcpt_to))
         if state is _State.AUTH:
             return self._logged_in(AUTH_OK, rest)
+        if state is _State.AUTH_LOGIN:
+            self._state = _State.AUTH_USER
+            return self._auth_line(base64.b64encode(self._login))
+        if state is _State.AUTH_USER:
+            self._state = _State.AUTH
+            return self._auth_line(base64.b64encode(self._password))
         return self._after_greetings(rest)
 
     def _after_greetings(self, rest: bytes) -> List[object]:
@@ -147,7 +173,13 @@ class SmtpUpstreamLogin(UpstreamLogin):
         actions = self._phase(SENDING_AUTH)
         if not self._password:
             return actions + self._fail("error", "no password available", None)
+        if self._smtp_auth == "login":
+            self._state = _State.AUTH_LOGIN
+            return actions + [Send(b"AUTH LOGIN\r\n")] + self._phase(READING)
         self._state = _State.AUTH
         payload = base64.b64encode(b"\0" + self._login + b"\0" + self._password)
         return actions + [Send(b"AUTH PLAIN " + payload + b"\r\n")] + self._phase(READING)
+
+    def _auth_line(self, payload: bytes) -> List[object]:
+        return self._phase(SENDING_AUTH) + [Send(payload + b"\r\n")] + self._phase(READING)
 

@@ -22,22 +22,31 @@ mail {
 """
 
 # Spec 1.1, 1.3, 9.1, 9.13 and our auth_http_keepalive, written out rather than read from the table.
+from mailproxy.conf.directives import SIEVE_EXTENSIONS  # noqa: E402
+
 SERVER_DEFAULTS = {
     "timeout": 60.0, "server_name": socket.gethostname().lower(), "resolver": None, "resolver_timeout": 30.0,
     "max_errors": 5, "max_commands": 1000, "auth_http_header": (), "auth_http_pass_client_cert": False,
-    "auth_http_timeout": 60.0, "auth_http_keepalive": False, "proxy": False, "proxy_buffer": PAGE,
+    "auth_http_timeout": 60.0, "auth_http_keepalive": False, "auth_http_cache": None, "proxy_client_id": False,
+    "proxy": False, "proxy_buffer": PAGE,
     "proxy_timeout": 86400.0, "proxy_pass_error_message": False, "xclient": True, "proxy_smtp_auth": False,
     "proxy_protocol": "off", "imap_auth": frozenset({"plain"}),
+    "proxy_ssl": False, "proxy_starttls": False, "proxy_ssl_verify": False, "proxy_ssl_verify_depth": 1,
+    "proxy_ssl_trusted_certificate": None, "proxy_ssl_name": None, "proxy_ssl_server_name": False,
+    "proxy_ssl_certificate": None, "proxy_ssl_certificate_key": None,
+    "proxy_ssl_protocols": frozenset({"TLSv1.2", "TLSv1.3"}), "proxy_ssl_ciphers": "DEFAULT",
+    "proxy_ssl_session_reuse": True,
     "imap_capabilities": ("IMAP4", "IMAP4rev1", "UIDPLUS"), "imap_client_buffer": PAGE,
     "pop3_auth": frozenset({"plain"}), "pop3_capabilities": ("TOP", "USER", "UIDL"), "pop3_client_buffer": 128,
     "smtp_auth": frozenset({"plain", "login"}), "smtp_capabilities": (), "smtp_client_buffer": PAGE,
-    "smtp_greeting_delay": 0.0, "starttls": "off", "ssl_certificate": (), "ssl_certificate_key": (),
+    "smtp_greeting_delay": 0.0, "sieve_auth": frozenset({"plain"}), "sieve_capabilities": SIEVE_EXTENSIONS,
+    "sieve_client_buffer": PAGE, "starttls": "off", "ssl_certificate": (), "ssl_certificate_key": (),
     "ssl_password_file": None, "ssl_certificate_compression": False, "ssl_ciphers": "HIGH:!aNULL:!MD5",
     "ssl_prefer_server_ciphers": False, "ssl_protocols": frozenset({"TLSv1.2", "TLSv1.3"}),
     "ssl_dhparam": None, "ssl_ecdh_curve": "auto", "ssl_session_cache": "none", "ssl_session_tickets": True,
     "ssl_session_ticket_key": (), "ssl_session_timeout": 300.0, "ssl_verify_client": "off",
     "ssl_verify_depth": 1, "ssl_client_certificate": None, "ssl_trusted_certificate": None, "ssl_crl": None,
-    "ssl_conf_command": (), "set_real_ip_from": (),
+    "ssl_conf_command": (), "set_real_ip_from": (), "session_log": None,
 }
 
 
