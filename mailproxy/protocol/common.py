@@ -88,5 +88,15 @@ def redact_command(line: bytes) -> bytes:
     return line
 
 
+def auth_server_text(text) -> bytes:
+    """Auth server texts reach the machines as latin-1-decoded header values: back to their bytes."""
+    return text if isinstance(text, bytes) else text.encode("latin-1", "replace")
+
+
+def login_failed(text: bytes) -> Log:
+    """nginx's info line for a refused login; the auth server's text is escaped like any log input."""
+    return Log("info", 'client login failed: "%s"' % escape_for_log(text))
+
+
 def too_long(buffer: bytes) -> str:
     return 'client sent too long command "%s"' % escape_for_log(redact_command(buffer))

@@ -19,6 +19,8 @@ from .common import (
     Log,
     Send,
     StartTLS,
+    auth_server_text,
+    login_failed,
     too_long,
 )
 from .imap_parse import Kind, parse_line
@@ -164,10 +166,10 @@ class ImapMachine:
         """The auth server refused the pending attempt; ``error_code`` is SMTP's and ignored here."""
         if self.state is not State.AUTHENTICATING:
             raise RuntimeError("auth_failed() without a pending attempt (state %s)" % self.state.name)
-        text = _as_bytes(text)
-        out = [Log("info", 'client login failed: "%s"' % text.decode("utf-8", "replace"))]
+        text = auth_server_text(text)
+        out = [login_failed(text)]
         if sasl_error is not None and self._method in OAUTH:
-            out.append(Send(b"+ " + _as_bytes(sasl_error) + CRLF))
+            out.append(Send(b"+ " + auth_server_text(sasl_error) + CRLF))
             self._pending_failure = (text, wait)
             self.state = State.SASL_ERROR
             return out + self._process()
@@ -399,10 +401,6 @@ class ImapMachine:
         salt = self._salt if method == "cram-md5" else None
         attempt = AuthAttempt(method, login, password, self.attempts, salt=salt, tag=self.tag)
         return [Authenticate(attempt)]
-
-
-def _as_bytes(text) -> bytes:
-    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
 
 
 EXCHANGE_STATES = {

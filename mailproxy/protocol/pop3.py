@@ -24,6 +24,8 @@ from .common import (
     Log,
     Send,
     StartTLS,
+    auth_server_text,
+    login_failed,
     too_long,
 )
 
@@ -238,12 +240,12 @@ class Pop3Machine:
         """The auth server refused the attempt; ``error_code`` is SMTP's and ignored here."""
         if self.state is not State.AUTHENTICATING:
             raise RuntimeError("auth_failed() without an authentication in flight")
-        text = _wire(text)
-        actions = [Log("info", 'client login failed: "%s"' % text.decode("latin-1"))]
+        text = auth_server_text(text)
+        actions = [login_failed(text)]
         reply = b"-ERR " + text + CRLF
         if sasl_error is not None and self._method in OAUTH_METHODS:
             # The client must answer the mechanism's error challenge before it learns the verdict.
-            actions.append(Send(b"+ " + _wire(sasl_error) + CRLF))
+            actions.append(Send(b"+ " + auth_server_text(sasl_error) + CRLF))
             self._pending_failure = (reply, wait)
             self.state = State.AUTH_ERROR_SASL
             return actions + self._process()
@@ -446,16 +448,6 @@ class Pop3Machine:
             return [Send(reply)] + self._close()
         self._to_start()
         return [Send(reply)]
-
-
-def _wire(text) -> bytes:
-    """Auth server texts arrive as header values: kept byte for byte."""
-    if isinstance(text, bytes):
-        return text
-    try:
-        return text.encode("latin-1")
-    except UnicodeEncodeError:
-        return text.encode("utf-8")
 
 
 _COMMANDS = {

@@ -27,6 +27,8 @@ from .common import (
     Log,
     Send,
     StartTLS,
+    auth_server_text,
+    login_failed,
     too_long,
 )
 
@@ -332,12 +334,12 @@ class SieveMachine:
     def auth_failed(self, text, wait: bool, error_code=None, sasl_error=None):
         if self.state is not State.AUTHENTICATING:
             raise RuntimeError("auth_failed() without a pending attempt (state %s)" % self.state.name)
-        text = _as_bytes(text)
-        out = [Log("info", 'client login failed: "%s"' % text.decode("utf-8", "replace"))]
+        text = auth_server_text(text)
+        out = [login_failed(text)]
         if sasl_error is not None and self._method in GATED:
             # RFC 7628 3.2.2: the error JSON goes out as a challenge; the client answers "AQ==" (or,
             # for XOAUTH2, an empty string) and only then gets the NO.
-            out.append(Send(string(_as_bytes(sasl_error)) + CRLF))
+            out.append(Send(string(auth_server_text(sasl_error)) + CRLF))
             self._pending_failure = (text, wait)
             self.state = State.SASL_ERROR
             return out + self._process()
@@ -520,10 +522,6 @@ class SieveMachine:
             accepted = len(args) == 1 and args[0][:4] == b"AQ=="
         reply = b"NO " + string(text) + CRLF if accepted else NO_INVALID
         return [Send(reply)] + self._after_failure(wait, process=False)
-
-
-def _as_bytes(text) -> bytes:
-    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
 
 
 # Only these are known before login; HAVESPACE, PUTSCRIPT and the rest are parse errors here, as

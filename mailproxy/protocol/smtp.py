@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from mailproxy.protocol import sasl
 from mailproxy.protocol.common import (TOO_MANY_COMMANDS, TOO_MANY_INVALID, AuthAttempt, Authenticate, Close,
-                                       Log, Send, StartTLS, escape_for_log, redact_command, too_long)
+                                       Log, Send, StartTLS, auth_server_text, escape_for_log, login_failed,
+                                       redact_command, too_long)
 
 CRLF = b"\r\n"
 SP, CR, LF = 0x20, 0x0D, 0x0A
@@ -228,13 +229,13 @@ class SmtpMachine:
             return []
         if self.state is not State.AUTHENTICATING:
             raise RuntimeError("auth_failed() without an authentication in flight")
-        text = _wire(text)
-        code = _wire(error_code) if error_code else b"535 5.7.0"
-        actions = [Log("info", 'client login failed: "%s"' % escape_for_log(text))]
+        text = auth_server_text(text)
+        code = auth_server_text(error_code) if error_code else b"535 5.7.0"
+        actions = [login_failed(text)]
         reply = code + b" " + text + CRLF
         if sasl_error is not None and self._method in OAUTH_METHODS:
             # The client must answer the mechanism's error challenge before it learns the verdict.
-            actions.append(Send(b"334 " + _wire(sasl_error) + CRLF))
+            actions.append(Send(b"334 " + auth_server_text(sasl_error) + CRLF))
             self._pending_failure = (reply, wait)
             self.state = State.AUTH_ERROR_SASL
             return actions + self._process()
@@ -482,13 +483,6 @@ def _redact_line(line: bytes) -> bytes:
 
 def _unsafe(value: bytes) -> bool:
     return any(byte in value for byte in _UNSAFE)
-
-
-def _wire(text) -> bytes:
-    """Auth server texts arrive as latin-1 decoded header values: back to their bytes."""
-    if isinstance(text, bytes):
-        return text
-    return text.encode("latin-1", "replace")
 
 
 _START = State.START
