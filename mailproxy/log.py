@@ -11,6 +11,7 @@ servers name it.
 
 import errno
 import os
+import re
 import sys
 import time
 
@@ -21,6 +22,31 @@ _RANK = {name: rank for rank, name in enumerate(LEVELS)}
 MAX_LINE = 2048
 
 STDERR = "stderr"
+
+# Log injection: nginx writes a login or a backend reply holding CR/LF raw, so a client can forge log
+# lines. Every line passes format_line, so control characters (C0, DEL, C1) and bytes that were not
+# UTF-8 (surrogateescape's U+DC80..U+DCFF) become \xNN there. Backslashes and quotes stay as they are:
+# escape_for_log already escapes them where client text is quoted, and escaping them here too would
+# double every escape it made.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+
+
+def _escape_char(match):
+    char = match.group()
+    code = ord(char)
+    if code >= 0xDC80:
+        return "\\x%02X" % (code - 0xDC00)
+    if code >= 0x80:
+        # A C1 control sent as valid UTF-8: show its two bytes, as they were on the wire.
+        return "".join("\\x%02X" % byte for byte in char.encode("utf-8"))
+    return "\\x%02X" % code
+
+
+def escape_line(message):
+    """``message`` with every control character and non-UTF-8 byte written as \\xNN."""
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "surrogateescape")
+    return _UNSAFE.sub(_escape_char, message)
 
 
 class LogOpenError(Exception):
@@ -33,6 +59,13 @@ def os_error_text(exc):
     return "(%d: %s)" % (code, os.strerror(code) if code else str(exc))
 
 
+def ensure_parent(path):
+    """Create the folder of a log or pid file (nginx does not): a fresh prefix then just works."""
+    folder = os.path.dirname(path)
+    if folder and not os.path.isdir(folder):
+        os.makedirs(folder, 0o755, exist_ok=True)
+
+
 class LogFile:
     """One open log path. Reopening swaps the descriptor so a rotated file is let go."""
 
@@ -42,6 +75,7 @@ class LogFile:
 
     def _open(self):
         try:
+            ensure_parent(self.path)
             return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise LogOpenError('open() "%s" failed %s' % (self.path, os_error_text(exc))) from None
@@ -143,10 +177,9 @@ def format_line(level, message, conn=None, pid=None, now=None):
     head = "%s [%s] %d#0: " % (stamp, level, os.getpid() if pid is None else pid)
     if conn is not None:
         head += "*%d " % conn
-    if isinstance(message, str):
-        # Sessions decode raw client bytes with surrogateescape; this writes those bytes back as sent.
-        message = message.encode("utf-8", "surrogateescape")
-    line = head.encode("ascii") + message
+    # After escaping only ASCII and valid UTF-8 remain, so the line is one line whatever a peer sent.
+    # backslashreplace: a lone surrogate from elsewhere than surrogateescape must not cost the line.
+    line = head.encode("ascii") + escape_line(message).encode("utf-8", "backslashreplace")
     if len(line) > MAX_LINE - 1:
         line = line[: MAX_LINE - 1]
     return line + b"\n"

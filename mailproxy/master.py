@@ -15,7 +15,7 @@ import time
 
 from mailproxy import listeners as listen_mod
 from mailproxy import log as errorlog
-from mailproxy import session_log, status
+from mailproxy import session_log, status, throttle
 
 # One table for the master's handlers and for `mailproxy-master -s <name>` (nginx's signals[]).
 SIGNALS = {
@@ -108,6 +108,7 @@ class Master:
             return 1
         self.observer.commit(self.config)
         self.observer.started_with(self.config)
+        throttle.prepare(self.config)  # before fork: every worker must map the same zones
         self.spawn_workers()
         self._ready()
         while self.state == "running" or self.workers:
@@ -284,6 +285,7 @@ class Master:
         self.generation += 1
         self.log = errorlog.ErrorLog(config.main.error_log)
         self.failures, self.respawn_at = 0, 0.0
+        throttle.prepare(config)
         self.spawn_workers()
         self.kill_workers(signal.SIGQUIT, old_workers)
         self.listeners.commit(bindings)
@@ -361,6 +363,7 @@ def write_pid_file(path):
     """`<pid>\\n`, replaced whole so that a reader never sees a half-written number."""
     tmp = "%s.%d.tmp" % (path, os.getpid())
     try:
+        errorlog.ensure_parent(path)
         with open(tmp, "w") as handle:
             handle.write("%d\n" % os.getpid())
         os.replace(tmp, path)
