@@ -62,7 +62,7 @@ def os_error_text(exc):
 def ensure_parent(path):
     """Create the folder of a log or pid file (nginx does not): a fresh prefix then just works."""
     folder = os.path.dirname(path)
-    if folder and not os.path.isdir(folder):
+    if folder and not os.path.lexists(folder):
         os.makedirs(folder, 0o755, exist_ok=True)
 
 

@@ -54,11 +54,24 @@ def test_default_error_level_hides_info(tmp_path):
     assert not os.path.getsize(path)
 
 
-def test_raw_client_bytes_survive(tmp_path):
+def test_non_utf8_client_bytes_escaped(tmp_path):
+    # nginx writes these bytes raw; mailproxy shows them as \xNN (a deliberate difference, log.py).
     path = str(tmp_path / "error.log")
-    raw = b'client sent too long command "\xff\xfe"'
+    raw = b'client sent too long command "\xff\xfe \xc3\xa9"'
     errorlog.ErrorLog(((path, "info"),)).log("info", raw.decode("utf-8", "surrogateescape"), conn=1)
-    assert lines(path)[0].endswith(b"*1 " + raw + b"\n")
+    assert lines(path)[0].endswith(b'*1 client sent too long command "\\xFF\\xFE \xc3\xa9"\n')
+
+
+def test_control_bytes_cannot_forge_lines(tmp_path):
+    path = str(tmp_path / "error.log")
+    log = errorlog.ErrorLog(((path, "info"),))
+    log.log("info", 'client login failed: "x"\r\n2026/01/01 00:00:00 [emerg] 1#0: forged\x00\x1b[31m\x85\t')
+    log.log("info", b"bytes \n too \\x0A")
+    assert [line.split(b": ", 1)[1] for line in lines(path)] == [
+        b'client login failed: "x"\\x0D\\x0A2026/01/01 00:00:00 [emerg] 1#0: forged\\x00\\x1B[31m\\xC2\\x85\\x09\n',
+        b"bytes \\x0A too \\x0A\n",
+    ]
+    assert errorlog.escape_line("\ud800") == "\ud800"  # not ours to escape; written backslashreplaced
 
 
 def test_long_lines_cut_like_nginx(tmp_path):
@@ -97,10 +110,18 @@ def test_same_path_shares_one_descriptor(tmp_path):
 
 
 def test_open_failure_worded_like_nginx(tmp_path):
-    path = str(tmp_path / "missing" / "error.log")
+    (tmp_path / "a-file").write_text("")
+    path = str(tmp_path / "a-file" / "error.log")
     with pytest.raises(errorlog.LogOpenError) as info:
         errorlog.ErrorLog(((path, "error"),))
-    assert str(info.value) == 'open() "%s" failed (2: No such file or directory)' % path
+    assert str(info.value) == 'open() "%s" failed (20: Not a directory)' % path
+
+
+def test_missing_folder_is_created(tmp_path):
+    path = str(tmp_path / "logs" / "error.log")
+    errorlog.ErrorLog(((path, "error"),)).log("error", "first line")
+    with open(path) as log:
+        assert log.read().endswith("[error] %d#0: first line\n" % os.getpid())
 
 
 def test_processes_append_whole_lines(tmp_path):
