@@ -1,12 +1,14 @@
 """mailproxy side by side with Debian's nginx mail proxy (issue 15).
 
-    python -m bench            # full: 3 rounds, 1 and 2 workers, 1 GiB streams, 9,900 idle sessions
-    python -m bench --quick    # one round, one worker, small sizes (tests/test_bench_quick.py)
+    python -m bench              # full: 3 rounds, 1 and 2 workers, 1 GiB streams, 9,900 idle sessions
+    python -m bench --keepalive  # also mailproxy with auth_http_keepalive on (a third engine per round)
+    python -m bench --quick      # one round, one worker, small sizes (tests/test_bench_quick.py)
 
-Starts the bench backend and auth server (shared by both engines, and measured directly as the
-ceiling), then each engine in turn, A B A B, with the same mail{} block; load comes from child
-processes. Writes results.md, results.json and PNG plots to --out (bench/results/), and with --results-md
-(the default in full mode) bench/RESULTS.md. Every process it starts is stopped by process group.
+Starts the bench backends (IMAP, POP3, SMTP) and auth server (shared by both engines, and measured
+directly as the ceiling), then each engine in turn, A B A B, with the same mail{} block; load comes
+from child processes. Writes results.md, results.json and PNG plots to --out (bench/results/), and with
+--results-md (the default in full mode) bench/RESULTS.md. Every process it starts is stopped by process
+group. Relay and idle sessions are IMAP; logins are measured for all three protocols.
 """
 
 import argparse
@@ -18,11 +20,15 @@ import time
 
 from bench import engines, load, report
 
-FULL = dict(rounds=3, workers=(1, 2), logins={1: 2000, 50: 10000, 500: 10000},
+PROTOCOLS = ("imap", "pop3", "smtp")
+# Logins per (protocol, concurrency): three protocols at three concurrencies in every engine run, so the
+# counts are what keeps a full run near 20 minutes on two cores (5,000 logins at c=500 is still ten
+# sessions per client task).
+FULL = dict(rounds=3, workers=(1, 2), logins={1: 1000, 50: 5000, 500: 5000},
             stream=1 << 30, parallel=(8, 128 << 20), idle=9900)
 # 9,900 idle sessions: two descriptors each in the worker stay below the 20,000 hard limit, with room
 # for listeners, logs and auth requests; 10,000 cannot fit in one process with this limit.
-QUICK = dict(rounds=1, workers=(1,), logins={1: 200, 50: 200},
+QUICK = dict(rounds=1, workers=(1,), logins={1: 100, 50: 200},
              stream=256 << 20, parallel=(8, 32 << 20), idle=500)
 
 
@@ -43,8 +49,10 @@ class Progress:
         sys.stderr.write("\n")
 
 
-def scenarios(plan, target, progress, record, pids=None, idle=False):
-    """Run the scenario list against one port; ``pids`` (the engine's processes) adds cost figures."""
+def scenarios(plan, ports, progress, record, pids=None, idle=False):
+    """Run the scenario list against ``ports`` (protocol -> port; relay and idle use IMAP); ``pids``
+    (the engine's processes) adds cost figures."""
+    target = ports["imap"]
     def cpu():
         return engines.cpu_seconds(pids()) if pids else 0.0
 
@@ -59,17 +67,22 @@ def scenarios(plan, target, progress, record, pids=None, idle=False):
         record("descriptors per idle session", "fds", per_fd)
         progress.step("idle %d" % plan["idle"])
 
-    for conc, count in plan["logins"].items():
-        before = cpu()
-        result = load.logins(target, count, conc)
-        record("login c=%d" % conc, "sessions/s", result["rate"])
-        record("login c=%d p50" % conc, "ms", result["p50_ms"])
-        record("login c=%d p99" % conc, "ms", result["p99_ms"])
-        if result["failed"]:
-            record("login c=%d failed" % conc, "count", result["failed"])
-        if pids:
-            record("CPU per login c=%d" % conc, "µs", 1e6 * (cpu() - before) / max(1, count))
-        progress.step("login c=%d" % conc)
+    for protocol in PROTOCOLS:
+        name = protocol.upper()
+        for conc, count in plan["logins"].items():
+            before = cpu()
+            result = load.logins(ports[protocol], count, conc, op=protocol)
+            record("%s login c=%d" % (name, conc), "sessions/s", result["rate"])
+            record("%s login c=%d p50" % (name, conc), "ms", result["p50_ms"])
+            record("%s login c=%d p99" % (name, conc), "ms", result["p99_ms"])
+            if result["failed"]:
+                record("%s login c=%d failed" % (name, conc), "count", result["failed"])
+                sys.stderr.write("\nbench: %s login c=%d: %d failed: %s\n" % (
+                    name, conc, result["failed"], result["errors"]))
+            if pids:
+                record("%s CPU per login c=%d" % (name, conc), "µs",
+                       1e6 * (cpu() - before) / max(1, count))
+            progress.step("%s login c=%d" % (name, conc))
     relayed, before = 0, cpu()
     runs = [("relay 1 stream down", 1, plan["stream"], "down"),
             ("relay %d streams down" % plan["parallel"][0], plan["parallel"][0], plan["parallel"][1], "down"),
@@ -95,27 +108,30 @@ def idle_sessions(port, total, pids):
     return held, (mem - base_mem) / max(1, held), (fds - base_fd) / max(1, held)
 
 
-def run(plan):
+def run(plan, keepalive=False):
     rows, warnings = [], []
-    variants = [("nginx", False), ("mailproxy", False), ("mailproxy", True)]
-    per_engine = len(plan["logins"]) + 3
+    variants = [("nginx", False), ("mailproxy", False)] + ([("mailproxy", True)] if keepalive else [])
+    per_engine = len(PROTOCOLS) * len(plan["logins"]) + 3
     idle_runs = 2 if 1 in plan["workers"] else 0  # nginx and mailproxy, one worker each
     total = plan["rounds"] * (per_engine + len(plan["workers"]) * len(variants) * (per_engine + 1)
                               + idle_runs)
     progress = Progress(total)
     helpers = []
     try:
-        backend, backend_port = engines.start_printing_port(
-            [sys.executable, "-m", "bench.backend"], "bench backend")
-        helpers.append(backend)
+        backend_ports = {}
+        for protocol in PROTOCOLS:
+            backend, backend_ports[protocol] = engines.start_printing_port(
+                [sys.executable, "-m", "bench.backend", protocol], "bench %s backend" % protocol)
+            helpers.append(backend)
         auth, auth_port = engines.start_printing_port(
-            [sys.executable, "-m", "bench.authserver", str(backend_port)], "bench auth server")
+            [sys.executable, "-m", "bench.authserver"] + [str(backend_ports[p]) for p in PROTOCOLS],
+            "bench auth server")
         helpers.append(auth)
         for rnd in range(1, plan["rounds"] + 1):
             def record_direct(metric, unit, value, rnd=rnd):
                 rows.append(dict(round=rnd, engine="ceiling", workers=0, metric=metric, unit=unit,
                                  value=value))
-            scenarios(plan, backend_port, progress, record_direct)
+            scenarios(plan, backend_ports, progress, record_direct)
             record_direct("auth_http c=50 (auth server alone)", "requests/s",
                           load.logins(auth_port, plan["logins"][50], 50, op="auth")["rate"])
             for workers in plan["workers"]:
@@ -128,7 +144,7 @@ def run(plan):
                     try:
                         engine.start()
                         # Idle footprint is a one-worker target, and keep-alive does not change it.
-                        scenarios(plan, engine.port, progress, record, engine.pids,
+                        scenarios(plan, engine.ports, progress, record, engine.pids,
                                   idle=(workers == 1 and not keepalive))
                     finally:
                         alerts = engine.stop()
@@ -145,6 +161,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round, small sizes (< 2 minutes)")
     parser.add_argument("--rounds", type=int, help="rounds of A B alternation")
+    parser.add_argument("--keepalive", action="store_true",
+                        help="also run mailproxy with auth_http_keepalive on (a third engine per round)")
     parser.add_argument("--out", default=os.path.join(engines.ROOT, "bench", "results"))
     parser.add_argument("--results-md", choices=("yes", "no"),
                         help="write bench/RESULTS.md (default: yes in full mode, no in quick mode)")
@@ -158,9 +176,9 @@ def main(argv=None):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     engines.ensure_nginx()
     command = "python -m bench" + (" --quick" if args.quick else "") + (
-        " --rounds %d" % args.rounds if args.rounds else "")
+        " --rounds %d" % args.rounds if args.rounds else "") + (" --keepalive" if args.keepalive else "")
     began = time.monotonic()
-    rows, warnings = run(plan)
+    rows, warnings = run(plan, args.keepalive)
     os.makedirs(args.out, exist_ok=True)
     table = report.write(rows, warnings, plan, args.out, command, time.monotonic() - began,
                          results_md=(args.results_md or ("no" if args.quick else "yes")) == "yes")

@@ -1,12 +1,20 @@
-"""The bench's IMAP backend: just enough IMAP to be logged in to, streamed from and written to, fast.
+"""The bench's backend: just enough IMAP, POP3 and SMTP to be logged in to (and, for IMAP, streamed
+from and written to), fast.
 
-    python -m bench.backend            # prints "listening PORT" once it accepts, then serves forever
+    python -m bench.backend [imap|pop3|smtp]   # prints "listening PORT" once it accepts, then serves
 
 It must never be the bottleneck, so it speaks only what the scenarios need and the harness measures it
 directly (the "ceiling" rows): greeting ``* OK ready``; ``LOGIN`` with atoms or literals (``{n}`` gets a
 ``+`` continuation, ``{n+}`` does not), as nginx and mailproxy log in with literals; ``STREAM n`` answers
 n payload bytes then ``tag OK``; ``SINK n`` answers ``+ go``, swallows exactly n bytes, then ``tag OK``
 (a byte count rather than a terminator, so the sink never scans the payload); ``NOOP``; ``LOGOUT``.
+
+POP3: greeting ``+OK``; ``USER``, ``PASS``, ``NOOP`` get ``+OK``; ``QUIT`` gets ``+OK`` and a close.
+SMTP: greeting ``220``; ``EHLO``/``HELO`` get a one-line ``250``; ``XCLIENT`` gets ``220`` (a fresh
+greeting, as Postfix answers it); ``AUTH`` gets ``235`` (only the ceiling, the load client
+without a proxy, sends it); ``QUIT`` gets ``221`` and a close; anything else (``MAIL``, ``RCPT``,
+``RSET``, ``NOOP``) gets ``250``. The proxies log in with USER/PASS and EHLO+XCLIENT and answer the
+client's ``PASS``/``AUTH`` themselves, so nothing more is needed.
 """
 
 import re
@@ -126,10 +134,53 @@ def handle(sock, _address):
         sock.close()
 
 
+def handle_pop3(sock, _address):
+    conn = Conn(sock)
+    try:
+        sock.sendall(b"+OK ready\r\n")
+        while True:
+            line = conn.line()
+            if line is None:
+                return
+            verb = line.split(b" ", 1)[0].upper()
+            if verb == b"QUIT":
+                sock.sendall(b"+OK bye\r\n")
+                return
+            sock.sendall(b"+OK\r\n" if verb in (b"USER", b"PASS", b"NOOP") else b"-ERR\r\n")
+    except ConnectionError:
+        return  # as in handle(): a client that resets is not the backend's failure
+    finally:
+        sock.close()
+
+
+def handle_smtp(sock, _address):
+    conn = Conn(sock)
+    try:
+        sock.sendall(b"220 bench ESMTP\r\n")
+        while True:
+            line = conn.line()
+            if line is None:
+                return
+            verb = line.split(b" ", 1)[0].upper()
+            if verb == b"QUIT":
+                sock.sendall(b"221 bye\r\n")
+                return
+            sock.sendall(b"220 bench ESMTP\r\n" if verb == b"XCLIENT" else
+                         b"235 ok\r\n" if verb == b"AUTH" else b"250 ok\r\n")
+    except ConnectionError:
+        return  # as in handle(): a client that resets is not the backend's failure
+    finally:
+        sock.close()
+
+
+HANDLERS = {"imap": handle, "pop3": handle_pop3, "smtp": handle_smtp}
+
+
 def main():
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    server = StreamServer(("127.0.0.1", 0), handle, backlog=4096)
+    protocol = sys.argv[1] if len(sys.argv) > 1 else "imap"
+    server = StreamServer(("127.0.0.1", 0), HANDLERS[protocol], backlog=4096)
     server.start()
     print("listening %d" % server.address[1], flush=True)
     server.serve_forever()

@@ -121,7 +121,8 @@ class Engine:
     def __init__(self, kind, workers, auth_port, keepalive=False):
         self.kind, self.workers, self.keepalive = kind, workers, keepalive
         self.label = kind + (" keepalive" if keepalive else "")
-        self.port = free_port()
+        self.port = free_port()  # IMAP: logins, relay and idle sessions
+        self.ports = {"imap": self.port, "pop3": free_port(), "smtp": free_port()}
         self.prefix = tempfile.mkdtemp(prefix="bench-%s-" % kind)
         os.makedirs(os.path.join(self.prefix, "logs"))
         self.conf = os.path.join(self.prefix, "%s.conf" % kind)
@@ -129,14 +130,18 @@ class Engine:
         extra = "    auth_http_keepalive on;\n" if keepalive else ""
         # error level, not info: both engines log each session at info, and the bench measures proxying.
         # Connections count both sides in nginx, so two per session plus listeners and auth requests.
+        # SMTP: AUTH PLAIN from the client; xclient is on by default in both engines, so the backend
+        # sees EHLO and XCLIENT and the engine itself answers the client 235.
         with open(self.conf, "w") as conf:
             conf.write(
                 "%sworker_processes %d;\nworker_rlimit_nofile %d;\npid %s/logs/engine.pid;\n"
                 "error_log %s/logs/error.log error;\nevents { worker_connections %d; }\n"
                 "mail {\n    auth_http 127.0.0.1:%d/auth;\n%s"
-                "    server { listen 127.0.0.1:%d; protocol imap; }\n}\n"
+                "    server { listen 127.0.0.1:%d; protocol imap; }\n"
+                "    server { listen 127.0.0.1:%d; protocol pop3; }\n"
+                "    server { listen 127.0.0.1:%d; protocol smtp; smtp_auth plain; }\n}\n"
                 % (head, workers, NOFILE, self.prefix, self.prefix, NOFILE - 10, auth_port, extra,
-                   self.port))
+                   self.port, self.ports["pop3"], self.ports["smtp"]))
         self.group = None
 
     def start(self, cwd=ROOT):

@@ -5,6 +5,7 @@ every child starts with a fresh hub. Each child reports through a pipe: "ready" 
 its results after the shared start event. Times are CLOCK_MONOTONIC, comparable across processes.
 """
 
+import base64
 import multiprocessing
 import socket
 import time
@@ -45,6 +46,51 @@ def login(sock):
     sock.sendall(LOGIN)
     lines.tagged(b"a")
     return lines
+
+
+def _pop3_session(sock):
+    """Greeting, USER, PASS, QUIT: every answer must be "+OK" (POP3 has no tags)."""
+    lines = Lines(sock)
+    for command in (None, b"USER bench\r\n", b"PASS secret\r\n", b"QUIT\r\n"):
+        if command:
+            sock.sendall(command)
+        line = lines.line()
+        if not line.startswith(b"+OK"):
+            raise ConnectionError("server said %r" % line)
+
+
+SMTP_AUTH = b"AUTH PLAIN " + base64.b64encode(b"\0bench\0secret") + b"\r\n"
+
+
+def _smtp_reply(lines, code):
+    """One (possibly multi-line, "250-...") SMTP reply, which must carry ``code``."""
+    line = lines.line()
+    while line[3:4] == b"-":
+        line = lines.line()
+    if not line.startswith(code):
+        raise ConnectionError("server said %r" % line)
+
+
+def _smtp_session(sock):
+    """Greeting, EHLO, AUTH PLAIN (the proxy answers 235 once the backend took EHLO and XCLIENT), QUIT
+    (answered by the backend, so the session did reach it)."""
+    lines = Lines(sock)
+    _smtp_reply(lines, b"220")
+    sock.sendall(b"EHLO bench\r\n")
+    _smtp_reply(lines, b"250")
+    sock.sendall(SMTP_AUTH)
+    _smtp_reply(lines, b"235")
+    sock.sendall(b"QUIT\r\n")
+    _smtp_reply(lines, b"221")
+
+
+def _imap_session(sock):
+    lines = login(sock)
+    sock.sendall(b"b LOGOUT\r\n")
+    lines.tagged(b"b")
+
+
+SESSIONS = {"imap": _imap_session, "pop3": _pop3_session, "smtp": _smtp_session}
 
 
 def _run_children(target, shares, args):
@@ -110,9 +156,7 @@ def _login_child(pipe, start, share, port, op):
             if op == "auth":
                 _ask_auth(sock)
             else:
-                lines = login(sock)
-                sock.sendall(b"b LOGOUT\r\n")
-                lines.tagged(b"b")
+                SESSIONS[op](sock)
         finally:
             sock.close()
         latencies.append(time.monotonic() - began)
@@ -132,7 +176,8 @@ def _login_child(pipe, start, share, port, op):
 
 
 def logins(port, total, concurrency, processes=2, op="imap"):
-    """Sessions a second (or auth_http requests a second with op="auth") and their latency."""
+    """Sessions a second of protocol ``op`` ("imap", "pop3", "smtp"; or auth_http requests a second
+    with op="auth") and their latency."""
     processes = min(processes, concurrency)
     shares = split(total, processes)
     conc = split(concurrency, processes)

@@ -20,9 +20,16 @@ ENGINES = ("nginx", "mailproxy", "mailproxy keepalive")
 TARGETS = {
     "relay 1 stream down": (">=", 1.5),
     "CPU-s per GiB relayed": ("<=", 0.3),
-    "login c=50": (">=", 0.7),
+    "IMAP login c=50": (">=", 0.7),
+    "POP3 login c=50": (">=", 0.7),
+    "SMTP login c=50": (">=", 0.7),
     "memory per idle session": ("<=", 1.5),
 }
+
+
+def _is_login_rate(metric):
+    """"IMAP login c=50", not its p50/p99/failed rows."""
+    return " login c=" in metric and metric.count(" ") == 2
 
 
 def medians(rows):
@@ -64,26 +71,33 @@ def _verdict(metric, workers, ratios, plan):
                             bound)
 
 
+def _engines(rows):
+    """The engines of this run, in ENGINES order (the keep-alive variant only with --keepalive)."""
+    present = {row["engine"] for row in rows}
+    return [e for e in ENGINES if e in present]
+
+
 def table(rows, plan):
     med, units = medians(rows)
     metrics = list(dict.fromkeys(row["metric"] for row in rows))
+    shown = _engines(rows)
     lines = []
     for workers in plan["workers"]:
+        head = "| metric | unit | nginx |" + "".join(" %s | ratio |" % e for e in shown[1:])
         lines += ["", "### %d worker%s (medians of %d round%s)" % (
             workers, "s" if workers > 1 else "", plan["rounds"], "s" if plan["rounds"] > 1 else ""), "",
-            "| metric | unit | nginx | mailproxy | ratio | mailproxy keepalive | ratio | ceiling (no proxy) "
-            "| target (1 worker) |", "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+            head + " ceiling (no proxy) | target (1 worker) |",
+            "|---|---|--:|" + "--:|--:|" * len(shown[1:]) + "--:|---|"]
         for metric in metrics:
             values = {e: med.get((e, workers, metric)) for e in ENGINES}
             if all(v is None for v in values.values()) and not med.get(("ceiling", 0, metric)):
                 continue
             ratios = {e: _ratio(values[e], values["nginx"]) for e in ENGINES[1:]}
             ratios["mailproxy value"] = values["mailproxy"]
-            lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-                metric, units[metric], _fmt(values["nginx"]), _fmt(values["mailproxy"]),
-                _fmt(ratios["mailproxy"]) + ("x" if ratios["mailproxy"] else ""),
-                _fmt(values["mailproxy keepalive"]),
-                _fmt(ratios["mailproxy keepalive"]) + ("x" if ratios["mailproxy keepalive"] else ""),
+            cells = "".join(" %s | %s |" % (_fmt(values[e]), _fmt(ratios[e]) + ("x" if ratios[e] else ""))
+                            for e in shown[1:])
+            lines.append("| %s | %s | %s |%s %s | %s |" % (
+                metric, units[metric], _fmt(values["nginx"]), cells,
                 _fmt(med.get(("ceiling", 0, metric))), _verdict(metric, workers, ratios, plan)))
     return "\n".join(lines).strip() + "\n"
 
@@ -96,31 +110,33 @@ def plots(rows, plan, out):
 
     med, _ = medians(rows)
     made = []
-    groups = [("login_rate.png", "IMAP logins per second (connect, LOGIN, LOGOUT)",
-               [m for m in dict.fromkeys(r["metric"] for r in rows)
-                if m.startswith("login c=") and m.count(" ") == 1]),
+    groups = [("login_rate.png", "Logins per second (IMAP, POP3, SMTP)",
+               [m for m in dict.fromkeys(r["metric"] for r in rows) if _is_login_rate(m)]),
               ("relay_throughput.png", "Relay throughput, MB/s",
                [m for m in dict.fromkeys(r["metric"] for r in rows) if m.startswith("relay ")])]
     for name, title, metrics in groups:
-        figure, axes = pyplot.subplots(1, len(plan["workers"]), figsize=(6 * len(plan["workers"]), 4),
-                                       squeeze=False)
-        for axis, workers in zip(axes[0], plan["workers"]):
-            series = list(ENGINES) + ["ceiling"]
+        # One row per worker count: nine login metrics side by side need the width.
+        figure, axes = pyplot.subplots(len(plan["workers"]), 1, squeeze=False,
+                                       figsize=(max(6, 1.1 * len(metrics)), 4 * len(plan["workers"])))
+        for axis, workers in zip(axes[:, 0], plan["workers"]):
+            series = _engines(rows) + ["ceiling"]
             width = 0.8 / len(series)
             for i, engine in enumerate(series):
                 key_workers = 0 if engine == "ceiling" else workers
                 values = [med.get((engine, key_workers, m), 0) for m in metrics]
                 axis.bar([x + i * width for x in range(len(metrics))], values, width, label=engine)
-            axis.set_xticks([x + 0.4 - width / 2 for x in range(len(metrics))], metrics, fontsize=8)
+            # "IMAP login c=50" on two lines: nine labels on one line run into each other.
+            axis.set_xticks([x + 0.4 - width / 2 for x in range(len(metrics))],
+                            [m.replace(" login ", "\n") for m in metrics], fontsize=8)
             axis.set_title("%s, %d worker(s)" % (title, workers), fontsize=9)
             axis.legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(os.path.join(out, name), dpi=100)
         pyplot.close(figure)
         made.append(name)
-    names = ["login c=%d" % c for c in plan["logins"]] + [
+    names = ["%s login c=%d" % (p, c) for p in ("IMAP", "POP3", "SMTP") for c in plan["logins"]] + [
         "relay 1 stream down", "relay 1 stream up", "CPU-s per GiB relayed",
-        "CPU per login c=50", "memory per idle session", "descriptors per idle session"]
+        "IMAP CPU per login c=50", "memory per idle session", "descriptors per idle session"]
     names = [n for n in names if med.get(("nginx", 1, n)) and med.get(("mailproxy", 1, n)) is not None]
     figure, axis = pyplot.subplots(figsize=(7, 0.45 * len(names) + 1))
     axis.barh(names, [med[("mailproxy", 1, n)] / med[("nginx", 1, n)] for n in names])
@@ -175,20 +191,30 @@ def write(rows, warnings, plan, out, command, seconds, results_md):
         md.write("# `%s` (%.0f s)\n\n%s" % (command, seconds, "\n".join(body)))
     if results_md:
         with open(os.path.join(engines.ROOT, "bench", "RESULTS.md"), "w") as md:
-            md.write(_results_md(body, plan, command, seconds, pictures))
+            md.write(_results_md(body, plan, command, seconds, pictures, _engines(rows)))
     return text
 
 
-def _results_md(body, plan, command, seconds, pictures):
+def _soak_section():
+    # The soak (bench/soak.py) runs apart from the harness; its last result is kept beside the table.
+    path = os.path.join(engines.ROOT, "bench", "results", "soak.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as soak:
+        return "\n## Soak\n\n" + soak.read()
+
+
+def _results_md(body, plan, command, seconds, pictures, shown):
     facts = "\n".join("| %s | %s |" % pair for pair in machine())
     shots = "\n".join("![%s](results/%s)" % (p, p) for p in pictures)
     return """# Benchmark: mailproxy beside Debian's nginx mail proxy
 
-Made by `%s` (%.0f s, %d rounds, engines alternating nginx, mailproxy, mailproxy with
-`auth_http_keepalive on`). Figures are medians over rounds; ratios are mailproxy / nginx. Both engines
-run the same `mail {}` block (IMAP, `error_log ... error`, `worker_rlimit_nofile 20000`) against the
-same bench backend (bench/backend.py) and auth server (bench/authserver.py); load comes from separate
-processes (bench/load.py). Everything shares the machine's cores, so rates are relative, not absolute.
+Made by `%s` (%.0f s, %d rounds, engines alternating %s). Figures are medians over rounds;
+ratios are mailproxy / nginx. Both engines run the same `mail {}` block (IMAP, POP3 and SMTP servers,
+`smtp_auth plain`, `xclient` on by default, `error_log ... error`, `worker_rlimit_nofile 20000`) against
+the same bench backends (bench/backend.py) and auth server (bench/authserver.py); load comes from
+separate processes (bench/load.py). Everything shares the machine's two cores (the load clients, the
+backends, and other engineers' test runs on this machine too), so rates are relative, not absolute.
 
 | machine | |
 |---|---|
@@ -197,9 +223,12 @@ processes (bench/load.py). Everything shares the machine's cores, so rates are r
 ## Results
 %s
 
-- login: sessions per second of connect, greeting, `LOGIN`, `LOGOUT`; p50/p99 are per-session latency.
+- login: sessions per second; p50/p99 are per-session latency. IMAP: connect, greeting, `LOGIN`,
+  `LOGOUT`. POP3: greeting, `USER`, `PASS`, `QUIT`. SMTP: greeting, `EHLO`, `AUTH PLAIN` (the engine
+  sends the backend EHLO and XCLIENT, then answers 235), `QUIT` (answered by the backend). Logins per
+  concurrency and protocol: %s.
 - CPU per login / CPU-s per GiB: utime+stime of the engine's master and workers over the scenario.
-- relay: %d MiB in one stream, %d streams of %d MiB in parallel, %d MiB upload; MB/s = 10^6 bytes/s.
+- relay (IMAP): %d MiB in one stream, %d streams of %d MiB in parallel, %d MiB upload; MB/s = 10^6 bytes/s.
 - idle: %d authenticated sessions held at once; memory is the PSS delta over all the engine's processes
   divided by the sessions held; descriptors likewise. %d rather than 10,000: each session holds two
   descriptors in the worker, and 10,000 would not fit under the 20,000-descriptor hard limit.
@@ -207,6 +236,7 @@ processes (bench/load.py). Everything shares the machine's cores, so rates are r
   own parts are not what limits the proxies).
 
 %s
-""" % (command, seconds, plan["rounds"], facts, "\n".join(body), plan["stream"] >> 20,
+%s""" % (command, seconds, plan["rounds"], ", ".join(shown), facts, "\n".join(body),
+       ", ".join("c=%d: %d" % item for item in plan["logins"].items()), plan["stream"] >> 20,
        plan["parallel"][0], plan["parallel"][1] >> 20, plan["stream"] >> 20, plan["idle"],
-       plan["idle"], shots)
+       plan["idle"], shots, _soak_section())

@@ -86,6 +86,29 @@ class Engine:
             backend.close()
 
 
+SOAK_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "soak.md")
+
+
+def record(args, reloads, counts, start_ok, alerts, start, end, passed):
+    """bench/results/soak.md: the last soak, which bench/RESULTS.md quotes (issue 10)."""
+    lines = [
+        "Last soak: `python bench/soak.py --minutes %g --reload-every %g --clients %d --workers %d`, %s UTC"
+        % (args.minutes, args.reload_every, args.clients, args.workers, time.strftime("%Y-%m-%d %H:%M", time.gmtime())),
+        "",
+        "| | start | end |",
+        "|---|--:|--:|",
+        "| engine RSS, KiB (master + workers) | %d | %d |" % (start[0], end[0]),
+        "| engine descriptors | %d | %d |" % (start[1], end[1]),
+        "",
+        "%d reloads, %d sessions (%d while measured), %d failed, %d alerts: %s."
+        % (reloads, counts["ok"], counts["ok"] - start_ok, counts["failed"], alerts,
+           "flat, passed" if passed else "FAILED"),
+    ]
+    os.makedirs(os.path.dirname(SOAK_MD), exist_ok=True)
+    with open(SOAK_MD, "w") as out:
+        out.write("\n".join(lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0)
@@ -141,7 +164,9 @@ def main():
         print("engine fds   start %6d      end %6d      (%s)" % (start[1], end[1], "flat" if fds_ok else "GREW"))
         for line in (errors[:5] + alerts[:5]):
             print("  " + line)
-        return 0 if rss_ok and fds_ok and not counts["failed"] and not alerts else 1
+        passed = rss_ok and fds_ok and not counts["failed"] and not alerts
+        record(args, reloads, counts, start_ok, len(alerts), start, end, passed)
+        return 0 if passed else 1
     finally:
         stop.set()
         engine.stop()

@@ -21,7 +21,8 @@ def test_quick_mode_writes_both_engines_rows(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "results.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    for metric in ("login c=1", "login c=50", "relay 1 stream down", "CPU-s per GiB relayed",
+    for metric in ("IMAP login c=1", "IMAP login c=50", "POP3 login c=1", "POP3 login c=50",
+                   "SMTP login c=1", "SMTP login c=50", "relay 1 stream down", "CPU-s per GiB relayed",
                    "memory per idle session"):
         cells = [cell.strip() for cell in rows[metric].split("|")[1:-1]]
         nginx, mailproxy, ratio = cells[2], cells[3], cells[4]
