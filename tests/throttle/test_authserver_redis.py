@@ -1,0 +1,104 @@
+"""mailproxy-auth --redis: two auth server processes sharing a real redis-server enforce one limit,
+per client address and per login."""
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from mailproxy_testing import free_port
+
+USERS = "backend imap 127.0.0.1:1143\nuser alice@example.com {PLAIN}wonderland\n"
+LOCKED = "Too many invalid logins, try again later"
+INVALID = "Invalid login or password"
+
+
+def require(what, present):
+    # In CI a missing dependency is a broken setup (.ci/run installs it), not a reason to skip.
+    if not present:
+        if os.environ.get("CI") == "true":
+            pytest.fail("%s is required in CI" % what)
+        pytest.skip("%s is not installed" % what)
+
+
+def wait_listening(port, process, what):
+    """Readiness: the port accepts; fails at once if the process died instead."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert process.poll() is None, "%s exited with %s" % (what, process.returncode)
+            assert time.monotonic() < deadline, "%s never listened" % what
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    require("redis-server", shutil.which("redis-server"))
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL)
+    try:
+        wait_listening(port, process, "redis-server")
+        yield "redis://127.0.0.1:%d/0" % port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture
+def auth_pair(tmp_path, redis_url):
+    # mailproxy-auth imports the client only with --redis; the test only needs to know it is there.
+    require("the redis Python client", importlib.util.find_spec("redis") is not None)
+    users = tmp_path / "users"
+    users.write_text(USERS)
+    processes, urls = [], []
+    try:
+        for _ in range(2):
+            port = free_port()
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "mailproxy.authserver.app", "--users", str(users),
+                 "--listen", "127.0.0.1:%d" % port, "--max-failures", "4", "--lockout", "60",
+                 "--redis", redis_url, "--access-log", str(tmp_path / ("access%d.log" % port))]))
+            wait_listening(port, processes[-1], "mailproxy-auth")
+            urls.append("http://127.0.0.1:%d/auth" % port)
+        yield urls
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+
+
+def ask(url, user, password, client):
+    headers = {"Auth-Method": "plain", "Auth-User": user, "Auth-Pass": password, "Auth-Protocol": "imap",
+               "Auth-Login-Attempt": "1", "Client-IP": client}
+    return requests.get(url, headers=headers, timeout=5).headers.get("Auth-Status")
+
+
+def test_two_auth_servers_share_one_limit_per_address(auth_pair):
+    first, second = auth_pair
+    for url in (first, second, first):
+        assert ask(url, "nobody@example.com", "x", "192.0.2.7") == INVALID
+    # The fourth failure, counted on the other process, reaches the limit of four.
+    assert ask(second, "someone@example.com", "x", "192.0.2.7") == LOCKED
+    assert ask(first, "alice@example.com", "wonderland", "192.0.2.7") == LOCKED
+    # Another address is untouched.
+    assert ask(second, "alice@example.com", "wonderland", "192.0.2.8") == "OK"
+
+
+def test_two_auth_servers_share_one_limit_per_login(auth_pair):
+    first, second = auth_pair
+    for n, url in enumerate((first, second, first)):
+        assert ask(url, "alice@example.com", "wrong", "198.51.100.%d" % n) == INVALID
+    assert ask(second, "Alice@example.com", "wrong", "198.51.100.9") == LOCKED
+    assert ask(first, "alice@example.com", "wonderland", "198.51.100.10") == LOCKED
