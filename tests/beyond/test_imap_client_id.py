@@ -1,0 +1,103 @@
+"""imap_client_id (issue 18 item 4): ID before login answered, its fields told to the auth server and,
+as Dovecot's ID before LOGIN, to the backend. Off, the reply stays nginx's BAD."""
+
+import socket
+
+import pytest
+
+from authserver import RecordingAuthServer
+from backends import USERS, dovecot, wait_for_log  # noqa: F401
+from mailproxy_testing import free_port
+
+THUNDERBIRD = b'a ID ("name" "Thunderbird" "version" "115.0")\r\n'
+CLIENT_IP = "127.0.0.6"  # not the proxy's own address towards Dovecot
+
+
+@pytest.fixture
+def edge(dovecot, mailproxy_master):  # noqa: F811
+    auth = RecordingAuthServer(USERS, {"imap": ("127.0.0.1", dovecot.imap_port)})
+    ports = {"on": free_port(), "both": free_port(), "off": free_port()}
+    config = """
+worker_processes 1;
+error_log logs/error.log info;
+events { worker_connections 64; }
+mail {
+    auth_http %s;
+    timeout 10s;
+    server { listen 127.0.0.1:%d; protocol imap; imap_client_id on; }
+    server { listen 127.0.0.1:%d; protocol imap; imap_client_id on; proxy_client_id on; }
+    server { listen 127.0.0.1:%d; protocol imap; }
+}
+""" % (auth.url, ports["on"], ports["both"], ports["off"])
+    master = mailproxy_master(config, handler=None)
+    yield ports, dovecot, auth
+    auth.close()
+    assert "[alert]" not in master.error_log()
+
+
+class Client:
+    def __init__(self, port):
+        self.sock = socket.socket()
+        self.sock.settimeout(20)
+        self.sock.bind((CLIENT_IP, 0))
+        self.sock.connect(("127.0.0.1", port))
+        self.buffer = b""
+        self.until(b"\r\n")
+
+    def until(self, end):
+        while end not in self.buffer:
+            piece = self.sock.recv(4096)
+            assert piece, self.buffer
+            self.buffer += piece
+        got, _, self.buffer = self.buffer.partition(end)
+        return got + end
+
+    def tagged(self, tag):
+        """Lines up to and including the one tagged ``tag``."""
+        lines = [self.until(b"\r\n")]
+        while not lines[-1].startswith(tag + b" "):
+            lines.append(self.until(b"\r\n"))
+        return b"".join(lines)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_id_answered_and_passed_on(edge):
+    ports, dovecot, auth = edge
+    client = Client(ports["on"])
+    client.sock.sendall(THUNDERBIRD)
+    assert client.until(b"a OK ID completed\r\n") == b"* ID NIL\r\na OK ID completed\r\n"
+    client.sock.sendall(b'b LOGIN alice "%s"\r\n' % USERS["alice"].encode())
+    assert b"b OK" in client.tagged(b"b")
+    client.sock.sendall(b"c LOGOUT\r\n")
+    client.until(b"c OK")
+    client.close()
+    headers = auth.requests[-1][1]
+    assert headers["auth-imap-id"] == b"name=Thunderbird version=115.0"
+    wait_for_log(dovecot.log_path, "ID sent: name=Thunderbird, version=115.0")
+
+
+def test_id_merged_with_proxy_client_id(edge):
+    ports, dovecot, auth = edge
+    client = Client(ports["both"])
+    client.sock.sendall(b'a ID ("name" "Thunderbird" "version" "115.1" "x-originating-ip" "10.9.9.9")\r\n')
+    client.until(b"a OK ID completed\r\n")
+    client.sock.sendall(b'b LOGIN bob "%s"\r\n' % USERS["bob"].encode())
+    assert b"b OK" in client.tagged(b"b")
+    client.close()
+    # The auth server sees all the client said; the backend, none of its x- fields.
+    assert auth.requests[-1][1]["auth-imap-id"] == b"name=Thunderbird version=115.1 x-originating-ip=10.9.9.9"
+    log = wait_for_log(dovecot.log_path, "version=115.1")
+    line = [each for each in log.splitlines() if "version=115.1" in each][-1]
+    assert "10.9.9.9" not in line and "x-originating-ip=%s" % CLIENT_IP in line, line
+    login = wait_for_log(dovecot.log_path, "Login: user=<bob>")
+    assert "rip=%s" % CLIENT_IP in [each for each in login.splitlines() if "Login: user=<bob>" in each][-1]
+
+
+def test_off_stays_nginx(edge):
+    ports, dovecot, auth = edge
+    client = Client(ports["off"])
+    client.sock.sendall(THUNDERBIRD + b"b NOOP\r\n")
+    assert client.until(b"b OK completed\r\n") == b"a BAD invalid command\r\nb OK completed\r\n"
+    client.close()
