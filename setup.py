@@ -54,8 +54,10 @@ setup(
     install_requires=["gevent>=22", "requests", "setproctitle", "dnspython>=2.3", "PyJWT>=2.6",
                       # metrics_listen: multiprocess-safe counters and the Prometheus text format
                       "prometheus_client>=0.17"],
-    extras_require={"test": ["pytest", "hypothesis", "trustme", "dnspython", "cryptography", "sievelib"],
-                    "oauth": ["cryptography"], "bench": ["matplotlib", "geventhttpclient"]},
+    extras_require={"test": ["pytest", "hypothesis", "trustme", "dnspython", "cryptography", "sievelib", "redis"],
+                    "oauth": ["cryptography"],
+                    # mailproxy-auth --redis only: the proxy itself never talks to Redis
+                    "auth": ["redis>=4.2"], "bench": ["matplotlib", "geventhttpclient"]},
     entry_points={
         "console_scripts": [
             "mailproxy-master=mailproxy.cli:main",

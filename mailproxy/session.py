@@ -34,7 +34,7 @@ from mailproxy.upstream import sieve as upstream_sieve
 from mailproxy.upstream import smtp as upstream_smtp
 from mailproxy.upstream.common import Failed, LoggedIn, LogPhase
 from mailproxy.upstream.proxy_protocol import header_v1, header_v2
-from mailproxy import metrics, session_log
+from mailproxy import metrics, session_log, throttle
 from mailproxy import netio, proxy_protocol, relay, resolver, tls, upstream_tls
 
 _READ_SIZE = 16384
@@ -323,6 +323,10 @@ class Session:
             self.handshake_failed("error")
             self.fail_socket("recv", exc)
         self.tls = True
+        broken = tls.load_error(self.sock)
+        if broken:
+            # Certificate files by SNI name (ours): the default certificate served instead.
+            self.log("error", broken)
         verdict = tls.client_verdict(self.sock, self.server)
         if not verdict.ok:
             config = protocol_config(self.server)
@@ -375,11 +379,17 @@ class Session:
             client_host=self.client_host if self.server.protocol == "smtp" else None,
             proxy_protocol=self.proxy_protocol_info,
             ssl=self.ssl_info,
+            sni_name=self.sni_name,
         )
-        if self.sni_name:
-            # Ours, only on addresses shared by SNI; last, so nginx's lines keep their order.
-            request = request[:-2] + b"Auth-SSL-Server-Name: " + auth_request.escape(
-                self.sni_name.encode("ascii", "replace")) + b"\r\n\r\n"
+        limiter = throttle.for_server(self.server)
+        limit_keys = limiter.keys(self.client_ip, attempt.login) if limiter is not None else ()
+        if limit_keys:
+            blocked, delay = limiter.check(limit_keys)
+            if blocked:
+                self.login_throttled()
+                return
+            if delay:
+                gevent.sleep(delay)
         client = auth_client(self.server)
         cache = auth_cache.cache_for(self.server)
         cache_key = outcome = None
@@ -414,6 +424,8 @@ class Session:
             self.internal_error()
         if isinstance(outcome, AuthFail):
             self.login_done("invalid")
+            if limit_keys and limiter.failed(limit_keys):
+                self.log("notice", "too many failed logins, blocked for %gs" % limiter.limit.block)
             if outcome.wait:
                 gevent.sleep(outcome.wait)
             actions = self.machine.auth_failed(
@@ -437,6 +449,16 @@ class Session:
             # Every way out of the backend login that is not a timeout is a backend or internal failure.
             self.login_done("temporary")
             raise
+
+    def login_throttled(self):
+        """mail_login_limit: blocked, so the auth server is not asked; the protocol words the refusal."""
+        self.login_done("invalid")
+        self.log("info", "login refused by mail_login_limit")
+        actions = self.machine.auth_failed(throttle.BLOCKED_TEXT, wait=False)
+        while actions and isinstance(actions[0], Log):
+            self.execute([actions.pop(0)])
+        self.action = "in auth state"
+        self.execute(actions)
 
     def internal_error(self):
         self.send(self.config.internal_error)
@@ -530,7 +552,7 @@ class Session:
             return upstream_imap.ImapUpstreamLogin(
                 login=login, password=password, tag=attempt.tag,
                 proxy_buffer=buffer, pass_error_message=passes, client_id=self.client_id(),
-                starttls=starttls,
+                starttls=starttls, client_fields=attempt.imap_id,
             )
         if self.server.protocol == "pop3":
             return upstream_pop3.Pop3UpstreamLogin(

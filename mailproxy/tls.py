@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from mailproxy import tls_by_name
 from mailproxy.conf.lexer import ConfigError
 
 _VERSIONS = {
@@ -106,19 +107,51 @@ class SniGroup:
         return found
 
     def _choose(self, sock, name, _ctx):
-        # Under gevent's patching OpenSSL hands over the raw socket, which points back at its SSL socket.
-        owner = getattr(sock, "_sslsock", None)
-        sock = owner() if owner is not None else sock
+        sock = _ssl_socket(sock)
         # The session reads the name back for Auth-SSL-Server-Name.
         sock.mailproxy_server_name = name.lower() if name else None
         if name:
             found = self.match(name)
-            if found is not None:
+            # The chosen server (else the default) may find its certificate by this name too.
+            by_name = _context_by_name(found if found is not None else self.context, name, sock)
+            if by_name is not None:
+                sock.context = by_name
+            elif found is not None:
                 sock.context = found
         return None
 
     def server_of(self, sock):
-        return self.by_context.get(id(sock.context), self.default)
+        server = getattr(sock.context, "mailproxy_server", None)
+        return server if server is not None else self.by_context.get(id(sock.context), self.default)
+
+
+def _ssl_socket(sock):
+    # Under gevent's patching OpenSSL hands over the raw socket, which points back at its SSL socket.
+    owner = getattr(sock, "_sslsock", None)
+    return owner() if owner is not None else sock
+
+
+def _context_by_name(ctx, name, sock):
+    """The context holding the certificate files named after ``name`` (tls_by_name.py), or None.
+    A file that failed to load is named on the socket, for the session to log (load_error)."""
+    by_name = getattr(ctx, "mailproxy_by_name", None)
+    if by_name is None:
+        return None
+    return by_name.context(name, lambda text: setattr(sock, "mailproxy_certificate_error", text))
+
+
+def _choose_by_name(sock, name, ctx):
+    """sni_callback of a server whose ssl_certificate names $ssl_server_name (and shares no address)."""
+    sock = _ssl_socket(sock)
+    found = _context_by_name(ctx, name, sock)
+    if found is not None:
+        sock.context = found
+    return None
+
+
+def load_error(sock):
+    """Why the certificate files for this handshake's server name did not load, or None."""
+    return getattr(sock, "mailproxy_certificate_error", None)
 
 
 def prepare(config):
@@ -161,7 +194,9 @@ def context_for(server, listen=None) -> ssl.SSLContext:
     return entry[1]
 
 
-def build_context(server) -> ssl.SSLContext:
+def build_context(server, pairs=None) -> ssl.SSLContext:
+    """The server's context; ``pairs``: (cert, key) files loaded instead of the server's own, for one
+    TLS server name (tls_by_name.py)."""
     _refuse_unsupported(server)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_protocols(ctx, server.ssl_protocols)
@@ -187,9 +222,19 @@ def build_context(server) -> ssl.SSLContext:
             ctx.load_dh_params(server.ssl_dhparam)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError('PEM_read_bio_DHparams("%s") failed (%s)' % (server.ssl_dhparam, _any_text(exc)))
-    _load_certificates(ctx, server)
+    static, by_name = tls_by_name.split_pairs(server)
+    _load_certificates(ctx, server, static if pairs is None else pairs)
     _load_client_verification(ctx, server)
     ctx.set_alpn_protocols([server.protocol])
+    if pairs is not None:
+        ctx.mailproxy_server = server
+    elif by_name:
+        if not static:
+            raise ConfigError('"ssl_certificate" with $ssl_server_name needs one without variables too, '
+                              "for clients that send no server name or one without files")
+        ctx.mailproxy_by_name = tls_by_name.CertificatesByName(
+            by_name, lambda files: build_context(server, files))
+        ctx.sni_callback = _choose_by_name
     return ctx
 
 
@@ -232,9 +277,9 @@ def _set_protocols(ctx, names):
                 ctx.options |= getattr(ssl, _NO_VERSION[name])
 
 
-def _load_certificates(ctx, server):
+def _load_certificates(ctx, server, pairs):
     passwords = _read_passwords(server.ssl_password_file)
-    for cert, key in zip(server.ssl_certificate, server.ssl_certificate_key):
+    for cert, key in pairs:
         with _readable(cert) as cert_path, _readable(key) as key_path:
             _check_certificate_file(cert, cert_path)
             _load_pair(ctx, cert, cert_path, key, key_path, passwords)

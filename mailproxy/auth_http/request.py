@@ -34,6 +34,18 @@ def escape(value: bytes) -> bytes:
     return _ESCAPED.sub(_percent, value)
 
 
+def imap_id_line(fields) -> bytes:
+    """imap_client_id (ours): ``Auth-IMAP-ID: name=value name=value ...`` CRLF, each part escaped as
+    Auth-User is, ``=`` too so that a name cannot swallow its value; a NIL value leaves ``name`` alone."""
+    parts = []
+    for name, value in fields:
+        part = escape(name).replace(b"=", b"%3D")
+        if value is not None:
+            part += b"=" + escape(value).replace(b"=", b"%3D")
+        parts.append(part)
+    return b"Auth-IMAP-ID: " + b" ".join(parts) + CRLF
+
+
 def _as_bytes(value) -> bytes:
     if isinstance(value, bytes):
         return value
@@ -104,14 +116,16 @@ def _proxy_lines(proxy) -> list:
     ]
 
 
-def build(server, attempt, protocol, client_ip, client_host=None, ssl=None, proxy_protocol=None) -> bytes:
+def build(server, attempt, protocol, client_ip, client_host=None, ssl=None, proxy_protocol=None,
+          sni_name=None) -> bytes:
     """The whole request for one attempt (spec 3.2).
 
     ``protocol`` is "imap", "pop3" or "smtp"; ``client_ip`` the address after realip (``unix:`` for unix
     clients); ``client_host`` the SMTP resolver's answer (``[UNAVAILABLE]`` when there is none);
     ``ssl`` None on plain connections, else an object with protocol, cipher, verify, subject, issuer,
     serial, fingerprint, cert_pem; ``proxy_protocol`` None or an object with src_addr, src_port, dst_addr,
-    dst_port (src_addr None for ``PROXY UNKNOWN``).
+    dst_port (src_addr None for ``PROXY UNKNOWN``); ``sni_name`` the TLS server name on addresses shared
+    by SNI (ours). The headers of mailproxy's own features come last, so nginx's keep their order.
     """
     keepalive = bool(getattr(server, "auth_http_keepalive", False))
     method = attempt.method
@@ -136,5 +150,9 @@ def build(server, attempt, protocol, client_ip, client_host=None, ssl=None, prox
     if ssl is not None:
         lines.extend(_ssl_lines(ssl, bool(getattr(server, "auth_http_pass_client_cert", False))))
     lines.append(configured_headers(getattr(server, "auth_http_header", ())))
+    if sni_name:
+        lines.append(b"Auth-SSL-Server-Name: " + escape(_as_bytes(sni_name)) + CRLF)
+    if getattr(attempt, "imap_id", None):
+        lines.append(imap_id_line(attempt.imap_id))
     lines.append(CRLF)
     return b"".join(lines)

@@ -8,7 +8,7 @@ session, and keeps doing so until the lock-out expires. The users file is re-rea
 disk (checked at most once a second) or on SIGHUP; a broken file keeps the last good one in force.
 
 Usage: mailproxy-auth --users FILE [--listen 127.0.0.1:9000] [--max-failures 10] [--lockout 300]
-                      [--wait 3] [--access-log FILE|-]
+                      [--wait 3] [--access-log FILE|-] [--redis redis://HOST:PORT/DB]
                       [--jwt-key FILE [--jwt-algorithms HS256] [--jwt-audience AUD] [--jwt-issuer ISS]]
                       [--introspection-url URL [--introspection-auth USER:PASS]] [--jwt-user-claim sub]
 
@@ -48,7 +48,7 @@ class FailureCounter:
         self.clock = clock
         self.failures = {}  # ip -> (count, first failure time)
 
-    def locked(self, ip) -> bool:
+    def locked(self, ip, login=None) -> bool:
         entry = self.failures.get(ip)
         if entry is None:
             return False
@@ -58,14 +58,64 @@ class FailureCounter:
             return False
         return count >= self.limit
 
-    def failed(self, ip):
+    def failed(self, ip, login=None):
         count, since = self.failures.get(ip, (0, self.clock()))
         self.failures[ip] = (count + 1, since)
         if len(self.failures) > 100000:  # a scan from many addresses must not grow memory for ever
             self.failures.clear()
 
-    def succeeded(self, ip):
+    def succeeded(self, ip, login=None):
         self.failures.pop(ip, None)
+
+
+class RedisFailureCounter:
+    """FailureCounter's limit kept in Redis, per client address and per login, so that every
+    mailproxy-auth sharing the Redis (and every proxy node behind them) enforces one limit.
+
+    Each key counts failures from its first one for `lockout` seconds (SET NX EX, then INCR, in one
+    MULTI), the in-process counter's window. A Redis that cannot be reached locks nobody out: refusing
+    every login because the helper store is down would be an outage, not a defence.
+    """
+
+    PREFIX = "mailproxy-auth:failures:"
+
+    def __init__(self, url, limit, lockout):
+        import redis
+
+        self.errors = redis.RedisError
+        self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.limit = limit
+        self.lockout = lockout
+
+    def _keys(self, ip, login):
+        keys = [self.PREFIX + "ip:" + (ip or "-")]
+        if login:
+            keys.append(self.PREFIX + "login:" + login.lower())
+        return keys
+
+    def locked(self, ip, login=None) -> bool:
+        try:
+            counts = self.redis.mget(self._keys(ip, login))
+        except self.errors as exc:
+            _warn("redis: %s" % exc)
+            return False
+        return any(int(count) >= self.limit for count in counts if count is not None)
+
+    def failed(self, ip, login=None):
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                for key in self._keys(ip, login):
+                    pipe.set(key, 0, ex=self.lockout, nx=True)
+                    pipe.incr(key)
+                pipe.execute()
+        except self.errors as exc:
+            _warn("redis: %s" % exc)
+
+    def succeeded(self, ip, login=None):
+        try:
+            self.redis.delete(*self._keys(ip, login))
+        except self.errors as exc:
+            _warn("redis: %s" % exc)
 
 
 class UsersFile:
@@ -135,7 +185,7 @@ class AuthApp:
         return reply
 
     def decide(self, login, password, method, protocol, client, salt):
-        if self.failures.locked(client):
+        if self.failures.locked(client, login):
             return "locked", [("Auth-Status", LOCKED)]
         directory = self.users.current()
         if method in OAUTH_METHODS and self.tokens is not None:
@@ -147,14 +197,14 @@ class AuthApp:
             return "ok", _ok(target)
         user = directory.users.get(login)
         if user is None or not user.check(method, password, salt):
-            self.failures.failed(client)
-            if self.failures.locked(client):
+            self.failures.failed(client, login)
+            if self.failures.locked(client, login):
                 return "locked", [("Auth-Status", LOCKED)]
             return "invalid", [("Auth-Status", INVALID), ("Auth-Wait", str(self.wait))]
         target = directory.backend(login, protocol)
         if target is None:
             return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
-        self.failures.succeeded(client)
+        self.failures.succeeded(client, login)
         reply = _ok(target)
         if method in ("apop", "cram-md5"):
             reply.append(("Auth-Pass", user.clear_text))
@@ -223,6 +273,9 @@ def main(argv=None):
     parser.add_argument("--listen", default="127.0.0.1:9000", help="address:port or unix:/path")
     parser.add_argument("--max-failures", type=int, default=10, help="failures per client IP before lock-out")
     parser.add_argument("--lockout", type=int, default=300, help="seconds a lock-out lasts")
+    parser.add_argument("--redis", metavar="URL",
+                        help="keep the failure counters (per IP and per login) in Redis, shared by every "
+                             "mailproxy-auth using it, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--wait", type=int, default=3, help="Auth-Wait seconds after a failure")
     parser.add_argument("--access-log", default="-", help="file for one line a request, - for stdout")
     oauth = parser.add_argument_group("OAuth 2.0 bearer tokens (XOAUTH2, OAUTHBEARER)")
@@ -251,7 +304,11 @@ def main(argv=None):
         checker = tokens.from_arguments(args)
     except (OSError, ValueError) as exc:
         sys.exit("mailproxy-auth: %s" % exc)
-    app = AuthApp(users, FailureCounter(args.max_failures, args.lockout), args.wait, access_log, checker)
+    if args.redis:
+        failures = RedisFailureCounter(args.redis, args.max_failures, args.lockout)
+    else:
+        failures = FailureCounter(args.max_failures, args.lockout)
+    app = AuthApp(users, failures, args.wait, access_log, checker)
     signal.signal(signal.SIGHUP, lambda *_: users.reload())
     if args.listen.startswith("unix:"):
         import gevent.socket

@@ -123,6 +123,8 @@ DIRECTIVES = (
     _mail("imap_auth", MORE, v.bitmask(*IMAP_AUTH), frozenset({"plain"}), "or"),
     _mail("imap_capabilities", MORE, v.words, ("IMAP4", "IMAP4rev1", "UIDPLUS"), "append"),
     _mail("imap_client_buffer", ONE, v.size, lambda merged: pagesize()),
+    # ours, off by default (nginx answers ID with BAD): answer ID before login, pass the fields on
+    _mail("imap_client_id", ONE, v.flag, False),
     _mail("pop3_auth", MORE, v.bitmask(*POP3_AUTH), frozenset({"plain"}), "or"),
     _mail("pop3_capabilities", MORE, v.words, ("TOP", "USER", "UIDL"), "append"),
     _mail("pop3_client_buffer", ONE, v.size, pop3_client_buffer_default),
@@ -160,6 +162,9 @@ DIRECTIVES = (
     # observability (ours, off by default): the master serves metrics; sessions write one line each
     Directive("metrics_listen", frozenset({"mail"}), ONE, v.metrics_listen, None),
     _mail("session_log", (1, 2), v.session_log, None),
+    # login throttling (ours, off by default; mailproxy/throttle.py): zones are made by the master before fork
+    Directive("mail_login_limit_zone", frozenset({"mail"}), (2, 2), v.login_limit_zone, (), "append"),
+    _mail("mail_login_limit", MORE, v.login_limit, None),
 )
 
 BY_NAME = {d.name: d for d in DIRECTIVES}

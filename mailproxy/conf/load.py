@@ -6,6 +6,7 @@ the end of its `server {}`, the other mail checks at the end of `mail {}` (modul
 merges: protocol, then TLS certificates, then auth_http), and `no "events"` after the whole file.
 """
 
+import dataclasses
 import errno
 import glob
 import grp
@@ -231,6 +232,14 @@ class Loader:
         for server, m in zip(self.mail.servers, merged):
             if m["auth_http"] is None:
                 raise ConfigError('no "auth_http" is defined for server' + location(server.file, server.line))
+        zones = dict(self.mail.values.get("mail_login_limit_zone", ()))
+        for server, m in zip(self.mail.servers, merged):
+            limit = m["mail_login_limit"]
+            if limit is not None:
+                if limit.zone not in zones:
+                    raise ConfigError('zone "%s" is unknown in "mail_login_limit"' % limit.zone
+                                      + location(*m["_where"]["mail_login_limit"]))
+                m["mail_login_limit"] = dataclasses.replace(limit, zone_size=zones[limit.zone])
         self.servers = list(zip(self.mail.servers, merged))
 
     def merge(self, server):
@@ -314,6 +323,7 @@ class Loader:
             worker_shutdown_timeout=main.get("worker_shutdown_timeout"),
             worker_connections=self.events.values.get("worker_connections", 512),
             metrics_listen=self.mail.values.get("metrics_listen") if self.mail else None,
+            mail_login_limit_zones=self.mail.values.get("mail_login_limit_zone", ()) if self.mail else (),
         )
         servers = tuple(self.server_settings(block, m, error_log) for block, m in self.servers)
         return Config(path=self.path, prefix=self.prefix, main=settings, servers=servers,

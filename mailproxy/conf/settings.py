@@ -63,6 +63,19 @@ class AuthHttpUrl:
 
 
 @dataclass(frozen=True)
+class LoginLimit:
+    """`mail_login_limit` (ours): what counts, how many failures, and what follows them."""
+    zone: str
+    per: str = "address"  # "address" | "login" | "both"
+    failures: int = 5
+    window: float = 600.0
+    delay: float = 1.0
+    block: float = 900.0
+    exempt: tuple = ()  # ip networks never counted
+    zone_size: int = 0  # of the zone named, filled in by the loader
+
+
+@dataclass(frozen=True)
 class MainSettings:
     worker_processes: int
     error_log: tuple
@@ -75,6 +88,8 @@ class MainSettings:
     worker_connections: int
     # mail-level `metrics_listen` (ours): (family, sockaddr, text) or None = no metrics endpoint
     metrics_listen: Optional[tuple] = None
+    # mail-level `mail_login_limit_zone` (ours): ((name, size in bytes), ...), created before fork
+    mail_login_limit_zones: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,7 @@ class ServerSettings:
     imap_auth: frozenset
     imap_capabilities: tuple
     imap_client_buffer: int
+    imap_client_id: bool  # ours
     pop3_auth: frozenset
     pop3_capabilities: tuple
     pop3_client_buffer: int
@@ -163,6 +179,8 @@ class ServerSettings:
     set_real_ip_from: tuple
     # ours: (path, "json" | "combined") or None
     session_log: Optional[tuple] = None
+    # ours: LoginLimit or None (mailproxy/throttle.py)
+    mail_login_limit: Optional["LoginLimit"] = None
 
     @property
     def uses_tls(self):

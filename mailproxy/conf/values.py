@@ -12,7 +12,7 @@ import os
 import pwd
 import socket
 
-from .settings import AuthHttpUrl, Listen
+from .settings import AuthHttpUrl, Listen, LoginLimit
 
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 UNIX_PATH_MAX = 108
@@ -552,3 +552,51 @@ def session_log(ctx, args):
     if fmt not in SESSION_LOG_FORMATS:
         raise BadValue('invalid session log format "%s"' % fmt)
     return (os.path.normpath(os.path.join(ctx.prefix, args[0])), fmt)
+
+
+# Below this a zone holds too few slots to be worth having (a slot is 40 bytes: about 200 keys).
+LOGIN_LIMIT_ZONE_MIN = 8192
+
+
+def login_limit_zone(ctx, args):
+    """`mail_login_limit_zone name size` (ours) -> ((name, size),); the loader appends repeats."""
+    name, size_text = args
+    size = parse_size(size_text)
+    if size is None:
+        raise BadValue('invalid zone size "%s"' % size_text)
+    if size < LOGIN_LIMIT_ZONE_MIN:
+        raise BadValue('zone "%s" is too small' % name)
+    if any(previous == name for previous, _ in ctx.previous):
+        raise BadValue('duplicate zone "%s"' % name)
+    return ((name, size),)
+
+
+def login_limit(ctx, args):
+    """`mail_login_limit off | zone=name [per=] [failures=] [window=] [delay=] [block=] [exempt=CIDR ...]`."""
+    if args == ["off"]:
+        return None
+    fields, exempt = {}, []
+    for arg in args:
+        key, sep, text = arg.partition("=")
+        if not sep or not text:
+            raise BadValue('invalid parameter "%s"' % arg)
+        if key == "zone":
+            fields["zone"] = text
+        elif key == "per" and text in ("address", "login", "both"):
+            fields["per"] = text
+        elif key == "failures" and parse_number(text):
+            fields["failures"] = parse_number(text)
+        elif key in ("window", "block") and parse_time(text, msec=True):
+            fields[key] = parse_time(text, msec=True)
+        elif key == "delay" and parse_time(text, msec=True) is not None:
+            fields["delay"] = parse_time(text, msec=True)
+        elif key == "exempt":
+            try:
+                exempt.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise BadValue('invalid network "%s"' % text) from None
+        else:
+            raise BadValue('invalid parameter "%s"' % arg)
+    if "zone" not in fields:
+        raise BadValue('"%s" must have "zone" parameter' % ctx.name)
+    return LoginLimit(exempt=tuple(exempt), **fields)

@@ -47,6 +47,7 @@ class AuthAttempt:
     esmtp: bool = False  # SMTP: the client used EHLO at least once
     mail_from: bytes = b""  # SMTP: raw MAIL command (method none)
     rcpt_to: bytes = b""  # SMTP: raw RCPT command (method none)
+    imap_id: tuple = ()  # IMAP with imap_client_id (ours): the client's ID ((name, value | None), ...)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ EMPTY_CHALLENGE = b"+ \r\n"
 USERNAME_CHALLENGE = b"+ " + sasl.USERNAME_PROMPT + CRLF
 PASSWORD_CHALLENGE = b"+ " + sasl.PASSWORD_PROMPT + CRLF
 NO_TAG = b"*"
+ID_REPLY = b"* ID NIL\r\n"
+ID_OK = b"OK ID completed\r\n"
+# imap_client_id: what is kept of a client's ID (RFC 2971 allows 30 pairs); the rest is parsed, not kept.
+MAX_ID_PAIRS = 30
+MAX_ID_BYTES = 1024
 
 # Only these need their method enabled; PLAIN and LOGIN are always accepted (spec 2.0.8).
 GATED = frozenset(("cram-md5", "external", "xoauth2", "oauthbearer"))
@@ -53,6 +58,7 @@ class ImapConfig:
     max_errors: int = 5
     max_commands: int = 1000
     server_name: str = "localhost"
+    client_id: bool = False  # imap_client_id (ours): ID answered before login instead of BAD
     greeting: bytes = GREETING
     # For the session: what the client gets when things fail outside the machine.
     internal_error: bytes = b"* BAD internal server error\r\n"
@@ -96,6 +102,7 @@ class ImapConfig:
             max_errors=server.max_errors,
             max_commands=server.max_commands,
             server_name=server.server_name,
+            client_id=getattr(server, "imap_client_id", False),
         )
 
 
@@ -121,6 +128,7 @@ class Command(enum.Enum):
     STARTTLS = b"STARTTLS"
     LOGIN = b"LOGIN"
     AUTHENTICATE = b"AUTHENTICATE"
+    ID = b"ID"  # only parsed with imap_client_id
     RESPONSE = b""  # an untagged continuation line inside an AUTHENTICATE exchange
 
 
@@ -144,6 +152,7 @@ class ImapMachine:
         self._login = b""  # AUTHENTICATE LOGIN user name, between the two steps
         self._method = None  # method of the pending or last attempt
         self._pending_failure = None  # (reply text, wait) behind an Auth-Error-SASL challenge
+        self.client_fields = ()  # imap_client_id: the last ID's (name, value | None) pairs, bounded
 
     # --- what the session calls -------------------------------------------------------------------
 
@@ -164,6 +173,8 @@ class ImapMachine:
 
     def auth_failed(self, text, wait: bool, error_code=None, sasl_error=None):
         """The auth server refused the pending attempt; ``error_code`` is SMTP's and ignored here."""
+        if self.state is State.CLOSED:
+            return []  # the client left while the auth server was asked: nothing to tell it
         if self.state is not State.AUTHENTICATING:
             raise RuntimeError("auth_failed() without a pending attempt (state %s)" % self.state.name)
         text = auth_server_text(text)
@@ -208,7 +219,7 @@ class ImapMachine:
             full = len(self._buffer) >= limit
             if not full and self._buffer.find(b"\n", self._scan_from) < 0:
                 break
-            parsed = parse_line(self._buffer, limit, self.state is not State.START)
+            parsed = parse_line(self._buffer, limit, self.state is not State.START, self.config.client_id)
             for _ in range(self._acknowledged, parsed.sync_literals):
                 out.append(Send(LITERAL_GO_AHEAD))
             self._acknowledged = max(self._acknowledged, parsed.sync_literals)
@@ -288,6 +299,20 @@ class ImapMachine:
 
     def _logout(self, args):
         return [Send(BYE + self._prefix() + OK)] + self._close_now()
+
+    def _id(self, args):
+        """RFC 2971 before login (imap_client_id): keep what the client says it is; tell nothing of us."""
+        fields = []
+        size = 0
+        for name, value in zip(args[0::2], args[1::2]):
+            if name is None:
+                continue  # a field name must be a string; NIL names nothing
+            size += len(name) + len(value or b"")
+            if len(fields) == MAX_ID_PAIRS or size > MAX_ID_BYTES:
+                break
+            fields.append((name, value))
+        self.client_fields = tuple(fields)
+        return [Send(ID_REPLY + self._prefix() + ID_OK)]
 
     def _starttls(self, args):
         if self.tls or self.config.starttls == "off":
@@ -399,7 +424,8 @@ class ImapMachine:
         self._method = method
         self.state = State.AUTHENTICATING
         salt = self._salt if method == "cram-md5" else None
-        attempt = AuthAttempt(method, login, password, self.attempts, salt=salt, tag=self.tag)
+        attempt = AuthAttempt(method, login, password, self.attempts, salt=salt, tag=self.tag,
+                              imap_id=self.client_fields)
         return [Authenticate(attempt)]
 
 
@@ -431,6 +457,7 @@ TRANSITIONS = {
     (State.START, Command.STARTTLS): ImapMachine._starttls,
     (State.START, Command.LOGIN): ImapMachine._login_command,
     (State.START, Command.AUTHENTICATE): ImapMachine._authenticate_command,
+    (State.START, Command.ID): ImapMachine._id,
     (State.SASL_ERROR, Command.RESPONSE): ImapMachine._sasl_error_response,
 }
 TRANSITIONS.update({(state, Command.RESPONSE): ImapMachine._response for state in STATE_METHODS})

@@ -18,6 +18,8 @@ BACKSLASH = 0x5C
 OPEN_BRACE = 0x7B
 CLOSE_BRACE = 0x7D
 PLUS = 0x2B
+OPEN_PAREN = 0x28
+CLOSE_PAREN = 0x29
 
 MAX_TAG = 32
 MAX_ARGS = 3
@@ -25,6 +27,8 @@ TAG_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 DIGITS = frozenset(b"0123456789")
 VERBS = frozenset((b"NOOP", b"CAPABILITY", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE"))
+ID = b"ID"  # RFC 2971, only with imap_client_id (ours)
+VERBS_WITH_ID = VERBS | {ID}
 
 
 class Kind(enum.Enum):
@@ -46,8 +50,12 @@ class Parsed:
     wait_for: int = 0  # INCOMPLETE: the buffer must reach this length before a rescan can help
 
 
-def parse_line(buf: bytes, limit: int, continuation: bool) -> Parsed:
-    """Parse the command at the head of ``buf``; a continuation line has no tag or verb, only arguments."""
+def parse_line(buf: bytes, limit: int, continuation: bool, client_id: bool = False) -> Parsed:
+    """Parse the command at the head of ``buf``; a continuation line has no tag or verb, only arguments.
+
+    ``client_id`` (imap_client_id, ours) makes ``ID`` a command: its args are the strings of its list in
+    order, NIL as None (``ID NIL`` gives none).
+    """
     window = bytes(buf[:limit])
     if continuation:
         return _arguments(window, 0, Parsed(Kind.COMPLETE), limit)
@@ -57,11 +65,13 @@ def parse_line(buf: bytes, limit: int, continuation: bool) -> Parsed:
         return _invalid(window, 0, result)
     if index < 0:
         return _incomplete(result)
-    index = _verb(window, index + 1, result)
+    index = _verb(window, index + 1, result, VERBS_WITH_ID if client_id else VERBS)
     if index is None:
         return _invalid(window, 0, result)
     if index < 0:
         return _incomplete(result)
+    if result.verb == ID:
+        return _id_arguments(window, index, result, limit)
     return _arguments(window, index, result, limit)
 
 
@@ -78,9 +88,10 @@ def _tag(window: bytes, result: Parsed):
     return -1
 
 
-def _verb(window: bytes, index: int, result: Parsed):
+def _verb(window: bytes, index: int, result: Parsed, verbs=VERBS):
     """Index just past a known command word (at its SP, CR or LF), -1 to wait, None for a parse error
-    (an unknown word too: ID, ENABLE and the rest are parse errors before login, as in nginx)."""
+    (an unknown word too: ID, ENABLE and the rest are parse errors before login, as in nginx; ID is
+    in ``verbs`` only with imap_client_id)."""
     length = len(window)
     while index < length and window[index] == SP:
         index += 1
@@ -90,7 +101,7 @@ def _verb(window: bytes, index: int, result: Parsed):
     if index == length:
         return -1
     verb = window[start:index].upper()
-    if window[index] not in (SP, CR, LF) or verb not in VERBS:
+    if window[index] not in (SP, CR, LF) or verb not in verbs:
         return None
     result.verb = verb
     return index
@@ -132,6 +143,72 @@ def _arguments(window: bytes, index: int, result: Parsed, limit: int) -> Parsed:
             return _incomplete(result)
 
 
+def _id_arguments(window: bytes, index: int, result: Parsed, limit: int) -> Parsed:
+    """RFC 2971: ``ID NIL`` or ``ID (string nstring ...)``, then the line end; strings quoted or literal."""
+    length = len(window)
+    index = _skip_spaces(window, index)
+    if index == length:
+        return _incomplete(result)
+    try:
+        if window[index] == OPEN_PAREN:
+            index += 1
+            while True:
+                index = _skip_spaces(window, index)
+                if index == length:
+                    return _incomplete(result)
+                byte = window[index]
+                if byte == CLOSE_PAREN:
+                    index += 1
+                    break
+                if byte == QUOTE:
+                    index = _quoted(window, index + 1, result.args)
+                    if 0 <= index < length and window[index] in (CR, LF):
+                        raise _Bad(index)  # a string cut by the line end: the list never closes
+                elif byte == OPEN_BRACE:
+                    index = _literal(window, index + 1, result, limit, (SP, CR, LF, CLOSE_PAREN))
+                    if result.kind is Kind.TOO_LONG:
+                        return result
+                else:
+                    index = _nil(window, index, (SP, CR, LF, CLOSE_PAREN))
+                    result.args.append(None)
+                if index < 0:
+                    return _incomplete(result)
+        else:
+            index = _nil(window, index, (SP, CR, LF))
+            if index < 0:
+                return _incomplete(result)
+    except _Bad as bad:
+        return _invalid(window, bad.index, result)
+    index = _skip_spaces(window, index)
+    if index == length or (window[index] == CR and index + 1 == length):
+        return _incomplete(result)
+    if window[index] == LF:
+        result.end = index + 1
+        return result
+    if window[index] == CR and window[index + 1] == LF:
+        result.end = index + 2
+        return result
+    return _invalid(window, index, result)
+
+
+def _skip_spaces(window: bytes, index: int) -> int:
+    while index < len(window) and window[index] == SP:
+        index += 1
+    return index
+
+
+def _nil(window: bytes, index: int, ends) -> int:
+    """The index after the atom NIL (any case), -1 to wait; any other atom is a parse error."""
+    start = index
+    while index < len(window) and window[index] not in ends:
+        index += 1
+    if index == len(window):
+        return -1
+    if window[start:index].upper() != b"NIL":
+        raise _Bad(start)
+    return index
+
+
 def _atom(window: bytes, index: int, args: list) -> int:
     # A quote inside an atom is just data, as nginx reads it.
     start = index
@@ -169,7 +246,7 @@ def _quoted(window: bytes, index: int, args: list):
     return -1
 
 
-def _literal(window: bytes, index: int, result: Parsed, limit: int):
+def _literal(window: bytes, index: int, result: Parsed, limit: int, ends=(SP, CR, LF)):
     """Read ``{n}``/``{n+}`` CRLF and n bytes: the index after them, or -1 to wait (TOO_LONG is set
     on ``result`` when the announced size can never fit)."""
     length = len(window)
@@ -215,7 +292,7 @@ def _literal(window: bytes, index: int, result: Parsed, limit: int):
     result.args.append(window[data_start:data_end])
     if data_end == length:
         return -1
-    if window[data_end] not in (SP, CR, LF):
+    if window[data_end] not in ends:
         raise _Bad(data_end)
     return data_end
 

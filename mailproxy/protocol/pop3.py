@@ -238,6 +238,8 @@ class Pop3Machine:
 
     def auth_failed(self, text, wait: bool, error_code=None, sasl_error=None):
         """The auth server refused the attempt; ``error_code`` is SMTP's and ignored here."""
+        if self.state is State.CLOSED:
+            return []  # the client left while the auth server was asked: nothing to tell it
         if self.state is not State.AUTHENTICATING:
             raise RuntimeError("auth_failed() without an authentication in flight")
         text = auth_server_text(text)

@@ -332,6 +332,8 @@ class SieveMachine:
         return self._process()
 
     def auth_failed(self, text, wait: bool, error_code=None, sasl_error=None):
+        if self.state is State.CLOSED:
+            return []  # the client left while the auth server was asked: nothing to tell it
         if self.state is not State.AUTHENTICATING:
             raise RuntimeError("auth_failed() without a pending attempt (state %s)" % self.state.name)
         text = auth_server_text(text)

@@ -16,14 +16,30 @@ SENDING_PASSWORD = "sending password to upstream"
 SENDING_ID = "sending ID to upstream"
 
 
-def id_command(tag: bytes, client_ip: str, client_port: int, local_ip: str, local_port: int) -> bytes:
-    """Dovecot's ID fields naming the real client: a backend that trusts the proxy (login_trusted_networks)
-    logs and applies its rules to this address instead of the proxy's."""
-    fields = (("x-originating-ip", client_ip), ("x-originating-port", client_port),
-              ("x-connected-ip", local_ip), ("x-connected-port", local_port))
-    # Addresses and ports never hold quotes or backslashes, so plain quoted strings are enough.
-    body = " ".join('"%s" "%s"' % (name, value) for name, value in fields)
-    return b"%s ID (%s)\r\n" % (tag, body.encode("ascii"))
+def id_command(tag: bytes, client_id=None, client_fields=()) -> bytes:
+    """One ``ID (...)``: the client's own fields (imap_client_id) then, with proxy_client_id, Dovecot's
+    fields naming the real client, which a backend that trusts the proxy (login_trusted_networks) logs
+    and applies its rules to instead of the proxy's address."""
+    parts = []
+    for name, value in client_fields:
+        parts.append(_quoted(name) + b" " + (b"NIL" if value is None else _quoted(value)))
+    if client_id is not None:
+        client_ip, client_port, local_ip, local_port = client_id
+        fields = (("x-originating-ip", client_ip), ("x-originating-port", client_port),
+                  ("x-connected-ip", local_ip), ("x-connected-port", local_port))
+        # Addresses and ports never hold quotes or backslashes, so plain quoted strings are enough.
+        parts.extend(('"%s" "%s"' % (name, value)).encode("ascii") for name, value in fields)
+    return b"%s ID (%s)\r\n" % (tag, b" ".join(parts))
+
+
+def _quoted(value: bytes) -> bytes:
+    """A quoted string for any client bytes: quote and backslash escaped, line breaks and other control
+    bytes (which a quoted string cannot carry) dropped; 8-bit bytes pass, as Dovecot reads them."""
+    value = value.translate(None, _CONTROLS)
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+_CONTROLS = bytes(range(0x20)) + b"\x7f"
 
 
 class _State(enum.Enum):
@@ -45,6 +61,7 @@ class ImapUpstreamLogin(UpstreamLogin):
         pass_error_message: bool = False,
         starttls: bool = False,
         client_id=None,
+        client_fields=(),
     ):
         super().__init__(proxy_buffer, pass_error_message)
         self._login = login
@@ -52,6 +69,10 @@ class ImapUpstreamLogin(UpstreamLogin):
         self._starttls = starttls
         # proxy_client_id (ours): (client ip, client port, local ip, local port), named before LOGIN
         self._client_id = client_id
+        # imap_client_id (ours): the client's ID fields ((name, value | None), ...), told before LOGIN
+        # Dovecot trusts x-* fields (x-originating-ip, x-session-id, x-forward-*...) from the proxy's
+        # address: a client's own would pass for the proxy's word, so none goes on.
+        self._client_fields = tuple(field for field in client_fields if field[0][:2].lower() != b"x-")
         # A tag never contains a space; accept it with or without the separator the client used.
         self._tag = tag.rstrip(b" ")
         self._state = _State.GREETING
@@ -87,7 +108,7 @@ class ImapUpstreamLogin(UpstreamLogin):
             return self._start_tls() + self._send_login()
         if state is _State.ID:
             # The ID is advice: a backend that refuses it (BAD, NO) still gets the login.
-            self._client_id = None
+            self._client_id, self._client_fields = None, ()
             return self._send_login()
         if state is _State.LOGIN:
             if not response.startswith(b"+"):
@@ -109,8 +130,8 @@ class ImapUpstreamLogin(UpstreamLogin):
         return self._logged_in(response, rest)
 
     def _send_login(self) -> List[object]:
-        if self._client_id is not None:
+        if self._client_id is not None or self._client_fields:
             self._state = _State.ID
-            return self._step(SENDING_ID, id_command(self._tag, *self._client_id))
+            return self._step(SENDING_ID, id_command(self._tag, self._client_id, self._client_fields))
         self._state = _State.LOGIN
         return self._step(SENDING_LOGIN, b"%s LOGIN {%d}\r\n" % (self._tag, len(self._login)))

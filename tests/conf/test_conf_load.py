@@ -27,7 +27,7 @@ from mailproxy.conf.directives import SIEVE_EXTENSIONS  # noqa: E402
 SERVER_DEFAULTS = {
     "timeout": 60.0, "server_name": socket.gethostname().lower(), "resolver": None, "resolver_timeout": 30.0,
     "max_errors": 5, "max_commands": 1000, "auth_http_header": (), "auth_http_pass_client_cert": False,
-    "auth_http_timeout": 60.0, "auth_http_keepalive": False, "auth_http_cache": None, "proxy_client_id": False,
+    "auth_http_timeout": 60.0, "auth_http_keepalive": False, "auth_http_cache": None, "proxy_client_id": False, "imap_client_id": False,
     "proxy": False, "proxy_buffer": PAGE,
     "proxy_timeout": 86400.0, "proxy_pass_error_message": False, "xclient": True, "proxy_smtp_auth": False,
     "proxy_protocol": "off", "imap_auth": frozenset({"plain"}),
@@ -47,6 +47,7 @@ SERVER_DEFAULTS = {
     "ssl_session_ticket_key": (), "ssl_session_timeout": 300.0, "ssl_verify_client": "off",
     "ssl_verify_depth": 1, "ssl_client_certificate": None, "ssl_trusted_certificate": None, "ssl_crl": None,
     "ssl_conf_command": (), "set_real_ip_from": (), "session_log": None,
+    "mail_login_limit": None,
 }
 
 

@@ -176,12 +176,22 @@ def cram_response(user):
     return step
 
 
-def assert_same(results, logs=True, gap=None):
+def assert_same(results, logs=True, gap=None, ours_as_nginx=None):
     (nginx_bytes, nginx_requests, nginx_log), (our_bytes, our_requests, our_log) = results
     assert our_bytes == nginx_bytes
     assert our_requests == nginx_requests
     if logs:
+        if ours_as_nginx is not None:
+            assert ours_as_nginx(our_log) != our_log, "the deliberate log difference is gone"
+            our_log = ours_as_nginx(our_log)
         compare_logs(our_log, nginx_log, gap)
+
+
+def cut_at_escaped_crlf(our_log):
+    """Deliberate difference (log injection, mailproxy/log.py): nginx writes a multi-line backend reply
+    raw, so its line breaks at the reply's CRLF (log_messages drops the rest, which has no prefix);
+    mailproxy writes the CRLF as \\x0D\\x0A and keeps one line. Cut ours there to compare the rest."""
+    return [line.split("\\x0D\\x0A", 1)[0] for line in our_log]
 
 
 # Log mismatches found by this file that are bugs outside the SMTP files, reported to their owners;
@@ -333,7 +343,7 @@ def test_backend_sees_the_same_login(both, case):
     assert our_lines == nginx_lines
 
 
-def run_with_backends(both, server, steps, check_logs=True, **backend_options):
+def run_with_backends(both, server, steps, check_logs=True, ours_as_nginx=None, **backend_options):
     """Each side against its own RecordingBackend: the lines each backend received."""
     recorded = []
 
@@ -346,14 +356,15 @@ def run_with_backends(both, server, steps, check_logs=True, **backend_options):
     finally:
         for backend in recorded:
             backend.__exit__()
-    assert_same(results, logs=check_logs)
+    assert_same(results, logs=check_logs, ours_as_nginx=ours_as_nginx)
     return [backend.lines for backend in recorded]
 
 
 @pytest.mark.parametrize("server", ["default", "passerr"])
 def test_backend_refusing_xclient(both, server):
     steps = [b"EHLO laptop.test\r\n", b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n"]
-    run_with_backends(both, server, steps, xclient_reply=b"550-5.7.0 no\r\n550 5.7.0 XCLIENT denied\r\n")
+    run_with_backends(both, server, steps, xclient_reply=b"550-5.7.0 no\r\n550 5.7.0 XCLIENT denied\r\n",
+                      ours_as_nginx=cut_at_escaped_crlf)
 
 
 def test_login_needing_xtext_is_an_expected_difference(both):
