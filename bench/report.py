@@ -195,13 +195,18 @@ def write(rows, warnings, plan, out, command, seconds, results_md):
     return text
 
 
-def _soak_section():
-    # The soak (bench/soak.py) runs apart from the harness; its last result is kept beside the table.
-    path = os.path.join(engines.ROOT, "bench", "results", "soak.md")
-    if not os.path.exists(path):
-        return ""
-    with open(path) as soak:
-        return "\n## Soak\n\n" + soak.read()
+# Benchmarks that run apart from the harness keep their last result beside its table.
+_SEPARATE = (("Soak", "soak.md"), ("Certificates for 10,000 domains", "cert_domains.md"))
+
+
+def _separate_sections():
+    sections = []
+    for title, name in _SEPARATE:
+        path = os.path.join(engines.ROOT, "bench", "results", name)
+        if os.path.exists(path):
+            with open(path) as result:
+                sections.append("\n## %s\n\n%s" % (title, result.read()))
+    return "".join(sections)
 
 
 def _results_md(body, plan, command, seconds, pictures, shown):
@@ -239,4 +244,4 @@ backends, and other engineers' test runs on this machine too), so rates are rela
 %s""" % (command, seconds, plan["rounds"], ", ".join(shown), facts, "\n".join(body),
        ", ".join("c=%d: %d" % item for item in plan["logins"].items()), plan["stream"] >> 20,
        plan["parallel"][0], plan["parallel"][1] >> 20, plan["stream"] >> 20, plan["idle"],
-       plan["idle"], shots, _soak_section())
+       plan["idle"], shots, _separate_sections())
