@@ -163,12 +163,19 @@ def test_sigkill_worker_mid_session(edge):
     e = edge(workers=2)
     pids = e.master.workers()
     sessions = {}
-    for _ in range(40):
-        one = Bystander(e, "imap")
+    for _ in range(2):
+        # The kernel picks which worker accepts; holding the first owner stopped (SIGSTOP) makes the
+        # other one take the next connection, so both hold a session whatever the scheduler does.
+        stopped = list(sessions)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            one = Bystander(e, "imap")
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
         owner = socket_inode_owner(pids, e.ports["imap"], one.conn.getsockname()[1])
         sessions.setdefault(owner, []).append(one)
-        if len(sessions) == 2:
-            break
     assert set(sessions) == set(pids), "both workers should hold a session"
     victim, survivor = pids
     os.kill(victim, signal.SIGKILL)
