@@ -1,5 +1,5 @@
-"""ssl_certificate naming $ssl_server_name (ours, issue 18 item 2): a few hundred EC certificates found
-by the name `openssl s_client -servername` sends, a default without SNI, files renewed on disk."""
+"""ssl_certificate naming $ssl_server_name (ours, issue 18 item 2): ten thousand EC certificates, each
+found by the name `openssl s_client -servername` sends, a default without SNI, files renewed on disk."""
 
 import concurrent.futures
 import hashlib
@@ -17,7 +17,7 @@ from mailproxy import tls_by_name
 from mailproxy_testing import free_port
 
 OPENSSL = "/usr/bin/openssl"
-DOMAINS = ["d%d.example.test" % i for i in range(300)]
+DOMAINS = ["d%d.example.test" % i for i in range(10000)]
 
 
 class Certs:
@@ -87,8 +87,10 @@ def port(served):
 def s_client(port, ca, name=None, check=None):
     """Whether openssl s_client verified the chain for ``check`` (a host name) and saw the session
     through to LOGOUT's BYE (its exit status is 1 when the server closes first, so it tells nothing)."""
-    args = [OPENSSL, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", ca, "-verify_return_error",
-            "-ign_eof"]  # read on to the server's BYE: LOGOUT below ends the session
+    # Only the test's CA is trusted: -no-CApath and -no-CAstore also spare each run reading the system's
+    # store (about 20 ms of its 27), which is what lets ten thousand runs fit in a test.
+    args = [OPENSSL, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", ca, "-no-CApath", "-no-CAstore",
+            "-verify_return_error", "-ign_eof"]  # read on to the server's BYE: LOGOUT below ends the session
     args += ["-servername", name] if name else ["-noservername"]
     if check:
         args += ["-verify_hostname", check]
@@ -104,7 +106,7 @@ def peer_fingerprint(port, ca, name):
             return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
 
 
-def test_hundreds_of_names(certs, port):
+def test_ten_thousand_names(certs, port):
     def one(name):
         return name, s_client(port, certs.ca_path, name, check=name)[0]
 
