@@ -2,6 +2,7 @@
 from and written to), fast.
 
     python -m bench.backend [imap|pop3|smtp]   # prints "listening PORT" once it accepts, then serves
+    python -m bench.backend imap --tls CERT KEY   # the same, each connection TLS from its first byte
 
 It must never be the bottleneck, so it speaks only what the scenarios need and the harness measures it
 directly (the "ceiling" rows): greeting ``* OK ready``; ``LOGIN`` with atoms or literals (``{n}`` gets a
@@ -176,11 +177,38 @@ def handle_smtp(sock, _address):
 HANDLERS = {"imap": handle, "pop3": handle_pop3, "smtp": handle_smtp}
 
 
+def implicit_tls(handler, cert, key):
+    """``handler`` behind a server-side TLS handshake (IMAPS-style: no STARTTLS, TLS before the
+    greeting), for measuring a proxy's TLS towards its backends."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    def wrapped(sock, address):
+        try:
+            tls = context.wrap_socket(sock, server_side=True)
+        except OSError:
+            sock.close()  # a client that gave up during the handshake is not the backend's failure
+            return
+        handler(tls, address)
+
+    return wrapped
+
+
 def main():
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    protocol = sys.argv[1] if len(sys.argv) > 1 else "imap"
-    server = StreamServer(("127.0.0.1", 0), HANDLERS[protocol], backlog=4096)
+    args = sys.argv[1:]
+    tls = None
+    if "--tls" in args:
+        at = args.index("--tls")
+        tls, args = args[at + 1: at + 3], args[:at] + args[at + 3:]
+        if len(tls) != 2:
+            sys.exit("usage: python -m bench.backend [imap|pop3|smtp] [--tls CERT KEY]")
+    protocol = args[0] if args else "imap"
+    handler = implicit_tls(HANDLERS[protocol], *tls) if tls else HANDLERS[protocol]
+    server = StreamServer(("127.0.0.1", 0), handler, backlog=4096)
     server.start()
     print("listening %d" % server.address[1], flush=True)
     server.serve_forever()

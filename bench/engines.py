@@ -118,7 +118,10 @@ def wait_ready(group, port, workers, timeout=20):
 class Engine:
     """A proxy under test: nginx or mailproxy with the same mail{} block, in a private prefix."""
 
-    def __init__(self, kind, workers, auth_port, keepalive=False):
+    def __init__(self, kind, workers, auth_port, keepalive=False, servers=None):
+        """``servers``: extra ``server {}`` blocks after the three shared ones, as name -> text with
+        ``%(port)d`` where its listen port goes; each gets a free port, kept in ``self.ports[name]``.
+        Without them the configuration is the shared bench's, byte for byte."""
         self.kind, self.workers, self.keepalive = kind, workers, keepalive
         self.label = kind + (" keepalive" if keepalive else "")
         self.port = free_port()  # IMAP: logins, relay and idle sessions
@@ -139,10 +142,17 @@ class Engine:
                 "mail {\n    auth_http 127.0.0.1:%d/auth;\n%s"
                 "    server { listen 127.0.0.1:%d; protocol imap; }\n"
                 "    server { listen 127.0.0.1:%d; protocol pop3; }\n"
-                "    server { listen 127.0.0.1:%d; protocol smtp; smtp_auth plain; }\n}\n"
+                "    server { listen 127.0.0.1:%d; protocol smtp; smtp_auth plain; }\n%s}\n"
                 % (head, workers, NOFILE, self.prefix, self.prefix, NOFILE - 10, auth_port, extra,
-                   self.port, self.ports["pop3"], self.ports["smtp"]))
+                   self.port, self.ports["pop3"], self.ports["smtp"], self._extra_servers(servers)))
         self.group = None
+
+    def _extra_servers(self, servers):
+        text = ""
+        for name, block in (servers or {}).items():
+            self.ports[name] = free_port()
+            text += "    %s\n" % (block % {"port": self.ports[name]})
+        return text
 
     def start(self, cwd=ROOT):
         """``cwd``: the source tree mailproxy is imported from (the bench's own by default)."""

@@ -8,6 +8,7 @@ its results after the shared start event. Times are CLOCK_MONOTONIC, comparable 
 import base64
 import multiprocessing
 import socket
+import ssl
 import time
 
 CTX = multiprocessing.get_context("fork")
@@ -122,6 +123,16 @@ def split(total, parts):
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+def client_context(module=ssl):
+    """A TLS client context for the bench's self-signed certificates: no verification, and no session
+    offered (nothing passes ``session=``), so every connection pays a full handshake. ``module``:
+    gevent.ssl in gevent children, so that the handshake yields to the hub."""
+    context = module.SSLContext(module.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = module.CERT_NONE
+    return context
+
+
 # -- login rate --------------------------------------------------------------------------------------
 
 AUTH_REQUEST = (b"GET /auth HTTP/1.0\r\nHost: localhost\r\nAuth-Method: plain\r\nAuth-User: bench\r\n"
@@ -142,17 +153,23 @@ def _ask_auth(sock):
         raise ConnectionError("auth server said %r" % reply[:80])
 
 
-def _login_child(pipe, start, share, port, op):
+def _login_child(pipe, start, share, port, op, tls):
     count, concurrency = share
     import gevent
     from gevent import socket as gsocket
 
     latencies, errors = [], []
+    if tls:
+        from gevent import ssl as gssl
+
+        context = client_context(gssl)
 
     def one():
         began = time.monotonic()
         sock = gsocket.create_connection(("127.0.0.1", port))
         try:
+            if tls:
+                sock = context.wrap_socket(sock)
             if op == "auth":
                 _ask_auth(sock)
             else:
@@ -175,13 +192,13 @@ def _login_child(pipe, start, share, port, op):
     pipe.send((began, time.monotonic(), latencies, errors[:5], len(errors)))
 
 
-def logins(port, total, concurrency, processes=2, op="imap"):
+def logins(port, total, concurrency, processes=2, op="imap", tls=False):
     """Sessions a second of protocol ``op`` ("imap", "pop3", "smtp"; or auth_http requests a second
-    with op="auth") and their latency."""
+    with op="auth") and their latency; ``tls``: each session starts with a full TLS handshake."""
     processes = min(processes, concurrency)
     shares = split(total, processes)
     conc = split(concurrency, processes)
-    results = _run_children(_login_child, list(zip(shares, conc)), (port, op))
+    results = _run_children(_login_child, list(zip(shares, conc)), (port, op, tls))
     began = min(r[0] for r in results)
     ended = max(r[1] for r in results)
     latencies = sorted(x for r in results for x in r[2])
@@ -199,9 +216,11 @@ def logins(port, total, concurrency, processes=2, op="imap"):
 
 # -- relay throughput --------------------------------------------------------------------------------
 
-def _stream_child(pipe, start, nbytes, port, direction):
+def _stream_child(pipe, start, nbytes, port, direction, tls):
     sock = socket.create_connection(("127.0.0.1", port))
     try:
+        if tls:
+            sock = client_context().wrap_socket(sock)
         lines = login(sock)
         pipe.send("ready")
         start.wait()
@@ -230,9 +249,10 @@ def _stream_child(pipe, start, nbytes, port, direction):
         sock.close()
 
 
-def streams(port, count, nbytes, direction):
-    """MB/s (10^6 bytes a second) of ``count`` parallel streams of ``nbytes`` each."""
-    results = _run_children(_stream_child, [nbytes] * count, (port, direction))
+def streams(port, count, nbytes, direction, tls=False):
+    """MB/s (10^6 bytes a second) of ``count`` parallel streams of ``nbytes`` each; ``tls``: the client
+    speaks TLS from the first byte."""
+    results = _run_children(_stream_child, [nbytes] * count, (port, direction, tls))
     wall = max(r[1] for r in results) - min(r[0] for r in results)
     return {"mbps": count * nbytes / wall / 1e6}
 

@@ -196,7 +196,8 @@ def write(rows, warnings, plan, out, command, seconds, results_md):
 
 
 # Benchmarks that run apart from the harness keep their last result beside its table.
-_SEPARATE = (("Soak", "soak.md"), ("Certificates for 10,000 domains", "cert_domains.md"))
+_SEPARATE = (("Soak", "soak.md"), ("Certificates for 10,000 domains", "cert_domains.md"),
+             ("TLS relay beside nginx", "tls_relay.md"))
 
 
 def _separate_sections():

@@ -38,3 +38,26 @@ def test_quick_mode_writes_both_engines_rows(tmp_path):
 def _bench_engines():
     found = subprocess.run(["pgrep", "-f", "bench-(nginx|mailproxy)-"], capture_output=True, text=True)
     return found.stdout.split()
+
+
+@pytest.mark.skipif(not NGINX_READY and os.geteuid() != 0, reason="needs Debian's nginx mail module")
+def test_tls_relay_quick_prints_both_engines(tmp_path):
+    """bench.tls_relay --quick (about 10 s): client-TLS rows for both engines, backend-TLS rows for
+    mailproxy alone, and nothing of ours left running."""
+    before = set(_bench_engines())
+    output = tmp_path / "tls_relay.md"
+    done = subprocess.run([sys.executable, "-m", "bench.tls_relay", "--quick", "--output", str(output)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert output.read_text() in done.stdout
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in done.stdout.splitlines() if line.startswith("| ")}
+    for metric in ("IMAPS login c=50", "TLS relay 1 stream down", "TLS relay 1 stream up",
+                   "TLS relay 8 streams down", "CPU-s per GiB relayed (client TLS)",
+                   "plaintext relay 1 stream down"):
+        unit, nginx, mailproxy, ratio = rows[metric][:4]
+        assert nginx != "–" and mailproxy != "–" and ratio.endswith("x"), (metric, rows[metric])
+    for metric in ("backend TLS relay 1 stream down", "TLS both sides relay 1 stream down"):
+        unit, nginx, mailproxy, ratio, _ceiling, note = rows[metric]
+        assert nginx == "–" and mailproxy != "–" and note.startswith("nginx cannot"), rows[metric]
+    assert set(_bench_engines()) - before == set()
