@@ -10,19 +10,7 @@ import enum
 from dataclasses import dataclass
 
 from . import sasl
-from .common import (
-    TOO_MANY_COMMANDS,
-    TOO_MANY_INVALID,
-    Authenticate,
-    AuthAttempt,
-    Close,
-    Log,
-    Send,
-    StartTLS,
-    auth_server_text,
-    login_failed,
-    too_long,
-)
+from .common import TOO_MANY_COMMANDS, AuthAttempt, Authenticate, Log, Machine, Send, too_long
 from .imap_parse import Kind, parse_line
 
 CRLF = b"\r\n"
@@ -31,9 +19,6 @@ OK = b"OK completed\r\n"
 BAD = b"BAD invalid command\r\n"
 BYE = b"* BYE\r\n"
 LITERAL_GO_AHEAD = b"+ OK\r\n"
-EMPTY_CHALLENGE = b"+ \r\n"
-USERNAME_CHALLENGE = b"+ " + sasl.USERNAME_PROMPT + CRLF
-PASSWORD_CHALLENGE = b"+ " + sasl.PASSWORD_PROMPT + CRLF
 NO_TAG = b"*"
 ID_REPLY = b"* ID NIL\r\n"
 ID_OK = b"OK ID completed\r\n"
@@ -43,7 +28,6 @@ MAX_ID_BYTES = 1024
 
 # Only these need their method enabled; PLAIN and LOGIN are always accepted (spec 2.0.8).
 GATED = frozenset(("cram-md5", "external", "xoauth2", "oauthbearer"))
-OAUTH = frozenset(("xoauth2", "oauthbearer"))
 
 
 @dataclass(frozen=True)
@@ -136,79 +120,21 @@ class Command(enum.Enum):
 READING = frozenset(State) - {State.AUTHENTICATING, State.STARTTLS, State.CLOSED}
 
 
-class ImapMachine:
+class ImapMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_error=State.SASL_ERROR):
+    __slots__ = ("tag", "_acknowledged", "client_fields")
+
+
     def __init__(self, config: ImapConfig, tls: bool = False, salt: bytes = None):
-        self.config = config
-        self.tls = tls
-        self.state = State.START
+        Machine.__init__(self, config, tls, salt)
         self.tag = b""  # tag of the command being handled or authenticating (no trailing space)
-        self.errors = 0
-        self.commands = 0
-        self.attempts = 0
-        self._salt = salt  # made on the first CRAM-MD5 when not given, then kept for the session
-        self._buffer = bytearray()
-        self._scan_from = 0  # no rescan until an LF (or the rest of a literal) arrives past this
         self._acknowledged = 0  # "+ OK" already sent for the command at the head of the buffer
-        self._login = b""  # AUTHENTICATE LOGIN user name, between the two steps
-        self._method = None  # method of the pending or last attempt
-        self._pending_failure = None  # (reply text, wait) behind an Auth-Error-SASL challenge
         self.client_fields = ()  # imap_client_id: the last ID's (name, value | None) pairs, bounded
-
-    # --- what the session calls -------------------------------------------------------------------
-
-    def greeting(self):
-        return [Send(self.config.greeting)]
-
-    def receive_data(self, data: bytes):
-        if self.state is State.CLOSED:
-            return []
-        if not data:
-            self._close()
-            return [Close()]
-        if self.state is State.STARTTLS:
-            # These bytes belong to the TLS handshake, which the session runs, not to any command.
-            return []
-        self._buffer += data
-        return self._process()
-
-    def auth_failed(self, text, wait: bool, error_code=None, sasl_error=None):
-        """The auth server refused the pending attempt; ``error_code`` is SMTP's and ignored here."""
-        if self.state is State.CLOSED:
-            return []  # the client left while the auth server was asked: nothing to tell it
-        if self.state is not State.AUTHENTICATING:
-            raise RuntimeError("auth_failed() without a pending attempt (state %s)" % self.state.name)
-        text = auth_server_text(text)
-        out = [login_failed(text)]
-        if sasl_error is not None and self._method in OAUTH:
-            out.append(Send(b"+ " + auth_server_text(sasl_error) + CRLF))
-            self._pending_failure = (text, wait)
-            self.state = State.SASL_ERROR
-            return out + self._process()
-        out.append(Send(self._prefix() + b"NO " + text + CRLF))
-        return out + self._after_failure(wait)
 
     def tls_established(self):
         if self.state is State.STARTTLS:
             self.tls = True
             self.state = State.START
         return []
-
-    def trailing_data(self) -> bytes:
-        """Client bytes that arrived behind the authenticating command, for the backend once proxying."""
-        return bytes(self._buffer)
-
-    @property
-    def reading(self) -> bool:
-        """False while the session should leave client input unread (auth pending, TLS, closed)."""
-        return self.state in READING
-
-    @property
-    def awaiting_auth(self) -> bool:
-        return self.state is State.AUTHENTICATING
-
-    @property
-    def closed(self) -> bool:
-        return self.state is State.CLOSED
 
     # --- the input loop ---------------------------------------------------------------------------
 
@@ -239,8 +165,7 @@ class ImapMachine:
                 continue
             self.commands += 1
             if self.commands > self.config.max_commands:
-                out += [Log("info", TOO_MANY_COMMANDS), Send(self._prefix() + BAD)]
-                out += self._close_now()
+                out += self._fatal(TOO_MANY_COMMANDS)
                 break
             command = Command(parsed.verb)
             handler = TRANSITIONS.get((self.state, command))
@@ -253,40 +178,17 @@ class ImapMachine:
     def _prefix(self) -> bytes:
         return self.tag + b" "
 
+    def _invalid(self) -> bytes:
+        return self.tag + b" " + BAD
+
+    def _failure_reply(self, text: bytes, error_code) -> bytes:
+        return self.tag + b" NO " + text + CRLF
+
     def _too_long(self, parsed):
         start = self.state is State.START
         # Continuation lines are SASL data (credentials): log none of it.
         shown = bytes(self._buffer[: parsed.end or self.config.client_buffer]) if start else b"..."
-        return [Log("info", too_long(shown)), Send(self._prefix() + BAD)] + self._close_now()
-
-    def _parse_error(self, announces_literal: bool):
-        self.errors += 1
-        out = []
-        too_many = self.errors >= self.config.max_errors
-        if too_many:
-            out.append(Log("info", TOO_MANY_INVALID))
-        out.append(Send(self._prefix() + BAD))
-        if too_many or announces_literal:
-            return out + self._close_now()
-        if self.state is State.SASL_ERROR:
-            return out + self._after_failure(self._pending_failure[1], process=False)
-        self.state = State.START
-        return out
-
-    def _close_now(self):
-        self._close()
-        return [Close()]
-
-    def _close(self):
-        self.state = State.CLOSED
-        self._buffer.clear()
-
-    def _after_failure(self, wait: bool, process: bool = True):
-        self._pending_failure = None
-        if not wait:
-            return self._close_now()
-        self.state = State.START
-        return self._process() if process else []
+        return self._fatal(too_long(shown))
 
     # --- commands in the start state --------------------------------------------------------------
 
@@ -298,7 +200,7 @@ class ImapMachine:
         return [Send(line + self._prefix() + OK)]
 
     def _logout(self, args):
-        return [Send(BYE + self._prefix() + OK)] + self._close_now()
+        return [Send(BYE + self._prefix() + OK)] + self._close()
 
     def _id(self, args):
         """RFC 2971 before login (imap_client_id): keep what the client says it is; tell nothing of us."""
@@ -317,10 +219,7 @@ class ImapMachine:
     def _starttls(self, args):
         if self.tls or self.config.starttls == "off":
             return self._reject()
-        self._buffer.clear()  # anything pipelined behind STARTTLS was sent in clear: never act on it
-        self._scan_from = 0
-        self.state = State.STARTTLS
-        return [Send(self._prefix() + OK), StartTLS()]
+        return self._begin_tls(self._prefix() + OK)
 
     def _login_command(self, args):
         if self._tls_required() or len(args) != 2 or not args[0]:
@@ -333,91 +232,29 @@ class ImapMachine:
         method = sasl.mechanism(args[0])
         if method is None or (method in GATED and method not in self.config.auth_methods):
             return self._reject()
-        initial = args[1] if len(args) == 2 else None
-        if initial is None:
+        if len(args) == 1:
             return self._start_exchange(method)
         if method == "cram-md5":
             return self._reject()
-        if method == "login":
-            return self._login_username(initial, untagged=False)
-        return RESPONSES[method](self, initial)
-
-    def _start_exchange(self, method):
-        self.state = EXCHANGE_STATES[method]
-        if method == "login" or method == "external":
-            return [Send(USERNAME_CHALLENGE)]
-        if method == "cram-md5":
-            if self._salt is None:
-                self._salt = sasl.make_salt(self.config.server_name)
-            return [Send(b"+ " + sasl.cram_md5_challenge(self._salt) + CRLF)]
-        return [Send(EMPTY_CHALLENGE)]
+        self.state = self._EXCHANGE_STATES[method]
+        try:
+            return self._respond(args[1:])
+        except sasl.SaslError as err:
+            return self._sasl_rejected(err)
 
     def _tls_required(self) -> bool:
         return self.config.starttls == "only" and not self.tls
 
-    def _reject(self):
-        """A command that parsed but cannot be done: the parse-error reply, not counted (spec 2.0.5)."""
-        self.state = State.START
-        return [Send(self._prefix() + BAD)]
-
-    # --- continuation lines -----------------------------------------------------------------------
-
     def _response(self, args):
-        response = args[0] if args else b""
-        return RESPONSES[STATE_METHODS[self.state]](self, response)
-
-    def _plain(self, response):
-        return self._sasl(lambda: sasl.parse_plain(sasl.decode_base64(response, "plain")), "plain")
-
-    def _login_username(self, response, untagged=True):
+        """A continuation line inside an AUTHENTICATE exchange; an empty one is an empty response."""
         try:
-            self._login = sasl.decode_base64(response, "login")
+            return self._respond(args or (b"",))
         except sasl.SaslError as err:
-            if not untagged:
-                return self._sasl_rejected(err)
-            # nginx answers a bad user name in the LOGIN exchange without any tag; clients expect it.
-            self.state = State.START
-            return [Log("info", str(err)), Send(BAD)]
-        self.state = State.AUTH_LOGIN_PASSWORD
-        return [Send(PASSWORD_CHALLENGE)]
-
-    def _login_password(self, response):
-        return self._sasl(lambda: (self._login, sasl.decode_base64(response, "login")), "plain")
-
-    def _cram_md5(self, response):
-        return self._sasl(lambda: sasl.parse_cram_md5(sasl.decode_base64(response, "cram-md5")), "cram-md5")
-
-    def _external(self, response):
-        # The password is never carried over from an earlier attempt (spec 9.11, 9.13).
-        return self._sasl(lambda: (sasl.decode_base64(response, "external"), b""), "external")
-
-    def _xoauth2(self, response):
-        return self._sasl(lambda: sasl.parse_xoauth2(sasl.decode_base64(response, "xoauth2")), "xoauth2")
-
-    def _oauthbearer(self, response):
-        return self._sasl(
-            lambda: sasl.parse_oauthbearer(sasl.decode_base64(response, "oauthbearer")), "oauthbearer"
-        )
-
-    def _sasl(self, decode, method):
-        try:
-            login, password = decode()
-        except sasl.SaslError as err:
+            if self.state is State.AUTH_LOGIN_USERNAME:
+                # nginx answers a bad user name in the LOGIN exchange without any tag; clients expect it.
+                self.state = State.START
+                return [Log("info", str(err)), Send(BAD)]
             return self._sasl_rejected(err)
-        return self._authenticate(method, login, password)
-
-    def _sasl_rejected(self, err):
-        return [Log("info", str(err))] + self._reject()
-
-    def _sasl_error_response(self, args):
-        """The dummy answer to an Auth-Error-SASL challenge: the failure is told only if it is right."""
-        text, wait = self._pending_failure
-        if self._method == "xoauth2":
-            accepted = not args or (len(args) == 1 and not args[0])
-        else:
-            accepted = len(args) == 1 and args[0][:4] == b"AQ=="
-        reply = b"NO " + text + CRLF if accepted else BAD
-        return [Send(self._prefix() + reply)] + self._after_failure(wait, process=False)
 
     def _authenticate(self, method, login, password):
         self.attempts += 1
@@ -429,27 +266,6 @@ class ImapMachine:
         return [Authenticate(attempt)]
 
 
-EXCHANGE_STATES = {
-    "plain": State.AUTH_PLAIN,
-    "login": State.AUTH_LOGIN_USERNAME,
-    "cram-md5": State.AUTH_CRAM_MD5,
-    "external": State.AUTH_EXTERNAL,
-    "xoauth2": State.AUTH_XOAUTH2,
-    "oauthbearer": State.AUTH_OAUTHBEARER,
-}
-STATE_METHODS = {state: method for method, state in EXCHANGE_STATES.items()}
-STATE_METHODS[State.AUTH_LOGIN_PASSWORD] = "login-password"
-
-RESPONSES = {
-    "plain": ImapMachine._plain,
-    "login": ImapMachine._login_username,
-    "login-password": ImapMachine._login_password,
-    "cram-md5": ImapMachine._cram_md5,
-    "external": ImapMachine._external,
-    "xoauth2": ImapMachine._xoauth2,
-    "oauthbearer": ImapMachine._oauthbearer,
-}
-
 TRANSITIONS = {
     (State.START, Command.NOOP): ImapMachine._noop,
     (State.START, Command.CAPABILITY): ImapMachine._capability,
@@ -458,6 +274,5 @@ TRANSITIONS = {
     (State.START, Command.LOGIN): ImapMachine._login_command,
     (State.START, Command.AUTHENTICATE): ImapMachine._authenticate_command,
     (State.START, Command.ID): ImapMachine._id,
-    (State.SASL_ERROR, Command.RESPONSE): ImapMachine._sasl_error_response,
 }
-TRANSITIONS.update({(state, Command.RESPONSE): ImapMachine._response for state in STATE_METHODS})
+TRANSITIONS.update({(state, Command.RESPONSE): ImapMachine._response for state in READING - {State.START}})

@@ -18,19 +18,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from . import sasl
-from .common import (
-    TOO_MANY_COMMANDS,
-    TOO_MANY_INVALID,
-    Authenticate,
-    AuthAttempt,
-    Close,
-    Log,
-    Send,
-    StartTLS,
-    auth_server_text,
-    login_failed,
-    too_long,
-)
+from .common import TOO_MANY_COMMANDS, AuthAttempt, Authenticate, Machine, Send, too_long
 
 CRLF = b"\r\n"
 IMPLEMENTATION = b"mailproxy"
@@ -51,9 +39,6 @@ BYE_TOO_LONG = b'BYE "Command too long"\r\n'
 INTERNAL_ERROR = b'BYE "internal server error"\r\n'
 SSL_CERT_ERROR = b'BYE "SSL certificate error"\r\n'
 SSL_NO_CERT = b'BYE "No required SSL certificate"\r\n'
-EMPTY_CHALLENGE = b'""\r\n'
-USERNAME_CHALLENGE = b'"' + sasl.USERNAME_PROMPT + b'"\r\n'
-PASSWORD_CHALLENGE = b'"' + sasl.PASSWORD_PROMPT + b'"\r\n'
 
 # What sieve_auth can name. CRAM-MD5 and EXTERNAL are left out: a backend login needs a clear password,
 # which neither gives (nginx makes the auth server return one; ManageSieve clients rarely offer either).
@@ -293,60 +278,16 @@ class State(enum.Enum):
 
 
 READING = frozenset(State) - {State.AUTHENTICATING, State.STARTTLS, State.CLOSED}
-EXCHANGE_STATES = {
-    "plain": State.AUTH_PLAIN,
-    "login": State.AUTH_LOGIN_USERNAME,
-    "xoauth2": State.AUTH_XOAUTH2,
-    "oauthbearer": State.AUTH_OAUTHBEARER,
-}
 
 
-class SieveMachine:
-    def __init__(self, config: SieveConfig, tls: bool = False):
-        self.config = config
-        self.tls = tls
-        self.state = State.START
-        self.errors = 0
-        self.commands = 0
-        self.attempts = 0
-        self._buffer = bytearray()
-        self._scan_from = 0  # no rescan until an LF (or the rest of a literal) arrives past this
-        self._login = b""
-        self._method = None
-        self._pending_failure = None  # (reply text, wait) behind an Auth-Error-SASL challenge
+class SieveMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_error=State.SASL_ERROR):
+    __slots__ = ()
 
-    # --- what the session calls -------------------------------------------------------------------
+    _INVALID = NO_INVALID
+    _BYE_TOO_MANY_INVALID, _BYE_LITERAL = BYE_TOO_MANY_INVALID, BYE_INVALID
 
     def greeting(self):
         return [Send(self._capabilities())]
-
-    def receive_data(self, data: bytes):
-        if self.state is State.CLOSED:
-            return []
-        if not data:
-            self._close()
-            return [Close()]
-        if self.state is State.STARTTLS:
-            return []  # handshake bytes: the session's, never a command
-        self._buffer += data
-        return self._process()
-
-    def auth_failed(self, text, wait: bool, error_code=None, sasl_error=None):
-        if self.state is State.CLOSED:
-            return []  # the client left while the auth server was asked: nothing to tell it
-        if self.state is not State.AUTHENTICATING:
-            raise RuntimeError("auth_failed() without a pending attempt (state %s)" % self.state.name)
-        text = auth_server_text(text)
-        out = [login_failed(text)]
-        if sasl_error is not None and self._method in GATED:
-            # RFC 7628 3.2.2: the error JSON goes out as a challenge; the client answers "AQ==" (or,
-            # for XOAUTH2, an empty string) and only then gets the NO.
-            out.append(Send(string(auth_server_text(sasl_error)) + CRLF))
-            self._pending_failure = (text, wait)
-            self.state = State.SASL_ERROR
-            return out + self._process()
-        out.append(Send(b"NO " + string(text) + CRLF))
-        return out + self._after_failure(wait)
 
     def tls_established(self):
         if self.state is not State.STARTTLS:
@@ -355,21 +296,6 @@ class SieveMachine:
         self.state = State.START
         # RFC 5804 2.2: after the handshake the server re-issues its capabilities unasked.
         return [Send(self._capabilities())]
-
-    def trailing_data(self) -> bytes:
-        return bytes(self._buffer)
-
-    @property
-    def reading(self) -> bool:
-        return self.state in READING
-
-    @property
-    def awaiting_auth(self) -> bool:
-        return self.state is State.AUTHENTICATING
-
-    @property
-    def closed(self) -> bool:
-        return self.state is State.CLOSED
 
     # --- the input loop ---------------------------------------------------------------------------
 
@@ -394,7 +320,7 @@ class SieveMachine:
                 continue
             self.commands += 1
             if self.commands > self.config.max_commands:
-                out += [Log("info", TOO_MANY_COMMANDS), Send(BYE_TOO_MANY_COMMANDS)] + self._close_now()
+                out += self._fatal(TOO_MANY_COMMANDS, BYE_TOO_MANY_COMMANDS)
                 break
             if self.state is State.START:
                 handler = COMMANDS.get(parsed.verb)
@@ -411,42 +337,17 @@ class SieveMachine:
     def _capabilities(self) -> bytes:
         return self.config.capability_tls if self.tls else self.config.capability_plain
 
+    @classmethod
+    def _challenge(cls, data: bytes) -> bytes:
+        return string(data) + CRLF
+
+    def _failure_reply(self, text: bytes, error_code) -> bytes:
+        return b"NO " + string(text) + CRLF
+
     def _too_long(self):
         # SASL responses are credentials: log none of them.
         shown = bytes(self._buffer) if self.state is State.START else b"..."
-        return [Log("info", too_long(shown)), Send(BYE_TOO_LONG)] + self._close_now()
-
-    def _parse_error(self, announces_literal: bool):
-        self.errors += 1
-        if self.errors >= self.config.max_errors:
-            return [Log("info", TOO_MANY_INVALID), Send(BYE_TOO_MANY_INVALID)] + self._close_now()
-        if announces_literal:
-            return [Send(BYE_INVALID)] + self._close_now()
-        out = [Send(NO_INVALID)]
-        if self.state is State.SASL_ERROR:
-            return out + self._after_failure(self._pending_failure[1], process=False)
-        self.state = State.START
-        return out
-
-    def _close_now(self):
-        self._close()
-        return [Close()]
-
-    def _close(self):
-        self.state = State.CLOSED
-        self._buffer.clear()
-
-    def _after_failure(self, wait: bool, process: bool = True):
-        self._pending_failure = None
-        if not wait:
-            return self._close_now()
-        self.state = State.START
-        return self._process() if process else []
-
-    def _reject(self, reply=NO_INVALID):
-        """Parsed but not doable: a NO, not counted against max_errors (spec 2.0.5)."""
-        self.state = State.START
-        return [Send(reply)]
+        return self._fatal(too_long(shown), BYE_TOO_LONG)
 
     # --- commands ---------------------------------------------------------------------------------
 
@@ -464,66 +365,42 @@ class SieveMachine:
         return [Send(self._capabilities())]
 
     def _logout(self, args):
-        return [Send(OK_LOGOUT)] + self._close_now()
+        return [Send(OK_LOGOUT)] + self._close()
 
     def _starttls(self, args):
         if args or self.tls or self.config.starttls == "off":
             return self._reject()
-        self._buffer.clear()  # bytes pipelined behind STARTTLS came in clear: never act on them
-        self._scan_from = 0
-        self.state = State.STARTTLS
-        return [Send(OK_STARTTLS), StartTLS()]
+        return self._begin_tls(OK_STARTTLS)
 
-    def _authenticate(self, args):
+    def _authenticate_command(self, args):
         if (self.config.starttls == "only" and not self.tls) or not 1 <= len(args) <= 2:
             return self._reject()
         method = sasl.mechanism(args[0])
-        if method not in EXCHANGE_STATES or (method in GATED and method not in self.config.auth_methods):
+        if method not in METHODS or (method in GATED and method not in self.config.auth_methods):
             return self._reject()
         if len(args) == 1:
-            self.state = EXCHANGE_STATES[method]
-            return [Send(USERNAME_CHALLENGE if method == "login" else EMPTY_CHALLENGE)]
-        self.state = EXCHANGE_STATES[method]
-        return self._respond(args[1])
+            return self._start_exchange(method)
+        self.state = self._EXCHANGE_STATES[method]
+        return self._answer(args[1])
 
     def _response(self, args):
         if len(args) != 1:
             return self._reject()
-        return self._respond(args[0])
+        return self._answer(args[0])
 
-    def _respond(self, response: bytes):
+    def _answer(self, response: bytes):
         if response == b"*":
             return self._reject(NO_CANCELLED)
-        state = self.state
         try:
-            if state is State.AUTH_LOGIN_USERNAME:
-                self._login = sasl.decode_base64(response, "login")
-                self.state = State.AUTH_LOGIN_PASSWORD
-                return [Send(PASSWORD_CHALLENGE)]
-            if state is State.AUTH_LOGIN_PASSWORD:
-                method, credentials = "plain", (self._login, sasl.decode_base64(response, "login"))
-            elif state is State.AUTH_PLAIN:
-                method, credentials = "plain", sasl.parse_plain(sasl.decode_base64(response, "plain"))
-            elif state is State.AUTH_XOAUTH2:
-                method, credentials = "xoauth2", sasl.parse_xoauth2(sasl.decode_base64(response, "xoauth2"))
-            else:
-                method = "oauthbearer"
-                credentials = sasl.parse_oauthbearer(sasl.decode_base64(response, "oauthbearer"))
+            return self._respond((response,))
         except sasl.SaslError as err:
-            return [Log("info", str(err))] + self._reject()
+            return self._sasl_rejected(err)
+
+    def _authenticate(self, method, login, password):
         self.attempts += 1
         self._method = method
         self.state = State.AUTHENTICATING
-        return [Authenticate(AuthAttempt(method, credentials[0], credentials[1], self.attempts))]
-
-    def _sasl_error_response(self, args):
-        text, wait = self._pending_failure
-        if self._method == "xoauth2":
-            accepted = len(args) == 1 and not args[0]
-        else:
-            accepted = len(args) == 1 and args[0][:4] == b"AQ=="
-        reply = b"NO " + string(text) + CRLF if accepted else NO_INVALID
-        return [Send(reply)] + self._after_failure(wait, process=False)
+        return [Authenticate(AuthAttempt(method, login, password, self.attempts))]
 
 
 # Only these are known before login; HAVESPACE, PUTSCRIPT and the rest are parse errors here, as
@@ -533,5 +410,5 @@ COMMANDS = {
     b"CAPABILITY": SieveMachine._capability,
     b"LOGOUT": SieveMachine._logout,
     b"STARTTLS": SieveMachine._starttls,
-    b"AUTHENTICATE": SieveMachine._authenticate,
+    b"AUTHENTICATE": SieveMachine._authenticate_command,
 }
