@@ -1,8 +1,8 @@
-"""One mail session: the only place where sockets meet the protocol machines.
+"""One mail session: the place where the client's socket meets the client-facing protocol machines.
 
 A greenlet runs ``handle`` from accept to the start of the relay: it greets the client, feeds its bytes
-to the protocol machine, carries out the machine's actions, asks the auth server, logs in to the backend
-and hands both sockets to the relay. Then the greenlet ends; the relay lives on io watchers alone, so an
+to the protocol machine, carries out the machine's actions, asks the auth server, has backend_login.py
+log in to the backend and hands both sockets to the relay. Then the greenlet ends; the relay lives on io watchers alone, so an
 idle relayed session costs no greenlet stack.
 """
 
@@ -22,20 +22,14 @@ from mailproxy.auth_http.response import (
     AuthError,
     AuthFail,
     AuthHttpError,
-    AuthOk,
     AuthRetry,
     decide,
 )
 from mailproxy.protocol import imap, pop3, sieve, smtp, sasl
 from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS, escape_for_log
-from mailproxy.upstream import imap as upstream_imap
-from mailproxy.upstream import pop3 as upstream_pop3
-from mailproxy.upstream import sieve as upstream_sieve
-from mailproxy.upstream import smtp as upstream_smtp
-from mailproxy.upstream.common import Failed, LoggedIn, LogPhase
-from mailproxy.upstream.proxy_protocol import header_v1, header_v2
+from mailproxy.backend_login import BackendLogin, BackendLoginFailed
 from mailproxy import metrics, session_log, throttle
-from mailproxy import netio, proxy_protocol, relay, resolver, tls, upstream_tls
+from mailproxy import netio, proxy_protocol, relay, resolver, tls
 
 _READ_SIZE = 16384
 
@@ -118,7 +112,6 @@ class Session:
         self.ssl_info = None
         self.proxy_protocol_info = None
         self.sni_name = None
-        self.smtp_auth = None  # Auth-Method from the auth server (ours), over proxy_smtp_auth
         self.token = worker.session_started(self.close_now)
         # Observability (metrics.py, session_log.py): the result words are defined in session_log.py.
         self.started = time.monotonic()
@@ -128,7 +121,6 @@ class Session:
         self.result = None
         self.method = None
         self.login_result = None
-        self.connected_at = None
         self.ended = False
 
     # -- logging ---------------------------------------------------------------------------------
@@ -147,6 +139,11 @@ class Session:
         if self.login and self.upstream:
             parts.append(", upstream: %s" % self.upstream)
         self.error_log.log(level, "".join(parts), self.number)
+
+    def log_while(self, action, level, message):
+        """The logger for the edge modules (resolver, backend_login), which keep their own action."""
+        self.action = action
+        self.log(level, message)
 
     # -- the pre-relay phase ---------------------------------------------------------------------
 
@@ -346,13 +343,8 @@ class Session:
             return resolver.UNAVAILABLE
         if self.client_ip == "unix:":
             return resolver.TEMPUNAVAIL
-
-        def log(action, level, message):
-            self.action = action
-            self.log(level, message)
-
         self.action = resolver.ADDRESS_ACTION
-        return resolver.client_host(resolver.for_server(self.server), self.client_ip, log)
+        return resolver.client_host(resolver.for_server(self.server), self.client_ip, self.log_while)
 
     # -- auth_http -------------------------------------------------------------------------------
 
@@ -442,7 +434,6 @@ class Session:
                 self.arm_deadline()
             self.execute(actions)
             return
-        self.smtp_auth = outcome.smtp_auth
         try:
             self.proxy(attempt, outcome)
         except SessionClosed:
@@ -464,145 +455,31 @@ class Session:
         self.send(self.config.internal_error)
         raise SessionClosed()
 
-    # -- the backend login -----------------------------------------------------------------------
+    # -- the backend login (backend_login.py) ----------------------------------------------------
 
     def proxy(self, attempt, ok):
         self.upstream = ok.upstream_text
         if ok.login is not None:
             self.login = ok.login
-        login, password = self.login, ok.password if ok.password is not None else attempt.password
-        self.action = "connecting to upstream"
-        deadline = began = time.monotonic()
-        deadline += self.server.timeout
+        backend = BackendLogin(self.server, self.sock, self.client_ip, self.client_port, self.client_host,
+                               self.log_while, self.metrics)
         try:
-            self.backend = netio.connect_ip(ok.addr, ok.port, self.server.timeout)
-        except socket.timeout:
-            self.login_done("timeout")
-            self.log("info", "upstream timed out (110: Connection timed out)")
-            self.internal_error()
-        except OSError as exc:
-            self.log(
-                "error",
-                "connect() to %s failed (%d: %s)" % (self.upstream, exc.errno or 0, os.strerror(exc.errno or 0)),
-            )
-            self.internal_error()
-        self.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.connected_at = time.monotonic()
-        self.metrics.connect_seconds.observe(self.connected_at - began)
-        if self.server.proxy_protocol != "off":
-            self.action = "sending PROXY protocol header to upstream"
-            self.send_backend(self.proxy_header(), deadline)
-        tls_mode = upstream_tls.wanted(self.server, ok.ssl_upstream)
-        if tls_mode == "ssl":
-            self.backend_handshake(ok, deadline)
-        upstream = self.upstream_login(attempt, login, password, starttls=tls_mode == "starttls")
-        self.action = "reading response from upstream"
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.upstream_timed_out()
-            self.backend.settimeout(remaining)
-            try:
-                data = self.backend.recv(_READ_SIZE)
-            except socket.timeout:
-                self.upstream_timed_out()
-            except OSError as exc:
-                self.log("error", "recv() failed (%d: %s)" % (exc.errno or 0, os.strerror(exc.errno or 0)))
+            logged_in = backend.run(attempt, ok, self.login)
+        except BackendLoginFailed as failure:
+            self.action = backend.action
+            if failure.timed_out:
+                self.login_done("timeout")
+            if failure.client_reply is None:
                 self.internal_error()
-            for action in upstream.receive_data(data):
-                if isinstance(action, Send):
-                    self.send_backend(action.data, deadline)
-                elif isinstance(action, LogPhase):
-                    self.action = action.action
-                elif isinstance(action, StartTLS):
-                    self.backend_handshake(ok, deadline)
-                elif isinstance(action, Failed):
-                    self.log(action.level, action.log_message)
-                    if action.client_reply is None:
-                        self.internal_error()
-                    self.send(action.client_reply)
-                    raise SessionClosed()
-                elif isinstance(action, LoggedIn):
-                    self.metrics.login_seconds.observe(time.monotonic() - self.connected_at)
-                    self.login_done("ok")
-                    if self.backend_tls:
-                        upstream_tls.remember(self.server, self.backend, ok.addr, ok.port)
-                    self.start_relay(action)
-                    return
-
-    def backend_handshake(self, ok, deadline):
-        """proxy_ssl / proxy_starttls / Auth-SSL-Upstream (ours): TLS on the backend socket."""
-        action, self.action = self.action, upstream_tls.HANDSHAKING
-        sock, self.backend = self.backend, None  # the SSL socket takes over the descriptor
-        try:
-            self.backend = upstream_tls.handshake(self.server, sock, ok.addr, ok.port, deadline)
-        except upstream_tls.HandshakeFailed as exc:
-            sock.close()
-            self.log(exc.level, exc.message)
-            self.internal_error()
-        self.backend_tls = True
-        if self.backend.session_reused:
-            self.log("debug", "upstream SSL session reused")
-        self.action = action
-
-    def upstream_login(self, attempt, login, password, starttls=False):
-        buffer = self.server.proxy_buffer
-        passes = self.server.proxy_pass_error_message
-        if self.server.protocol == "imap":
-            return upstream_imap.ImapUpstreamLogin(
-                login=login, password=password, tag=attempt.tag,
-                proxy_buffer=buffer, pass_error_message=passes, client_id=self.client_id(),
-                starttls=starttls, client_fields=attempt.imap_id,
-            )
-        if self.server.protocol == "pop3":
-            return upstream_pop3.Pop3UpstreamLogin(
-                login=login, password=password, proxy_buffer=buffer, pass_error_message=passes,
-                client_id=self.client_id(), starttls=starttls,
-            )
-        if self.server.protocol == "sieve":
-            return upstream_sieve.SieveUpstreamLogin(
-                login=login, password=password, proxy_buffer=buffer, pass_error_message=passes,
-                starttls=starttls,
-            )
-        return upstream_smtp.SmtpUpstreamLogin(
-            server_name=self.server.server_name, login=login, password=password,
-            method=attempt.method, helo=attempt.helo, esmtp=attempt.esmtp,
-            mail_from=attempt.mail_from, rcpt_to=attempt.rcpt_to,
-            client_addr=self.client_ip, client_host=self.client_host,
-            xclient=self.server.xclient,
-            smtp_auth=self.smtp_auth if self.smtp_auth is not None else self.server.proxy_smtp_auth,
-            proxy_buffer=buffer, pass_error_message=passes, starttls=starttls,
-        )
-
-    def client_id(self):
-        """proxy_client_id (ours): (client ip, port, local ip, port) for Dovecot's ID / XCLIENT, or None."""
-        if not self.server.proxy_client_id or self.client_ip == "unix:":
-            return None
-        local = self.sock.getsockname()
-        return (self.client_ip, self.client_port, local[0], local[1])
-
-    def proxy_header(self):
-        local = self.sock.getsockname()
-        family = self.sock.family
-        build = header_v2 if self.server.proxy_protocol == "v2" else header_v1
-        if family == socket.AF_UNIX:
-            return build(None, None, None, None, family)
-        return build(self.client_ip, self.client_port, local[0], local[1], family)
-
-    def send_backend(self, data, deadline):
-        self.backend.settimeout(max(0.001, deadline - time.monotonic()))
-        try:
-            netio.send_all(self.backend, data)
-        except socket.timeout:
-            self.upstream_timed_out()
-        except OSError as exc:
-            self.log("error", "send() failed (%d: %s)" % (exc.errno or 0, os.strerror(exc.errno or 0)))
-            self.internal_error()
-
-    def upstream_timed_out(self):
-        self.login_done("timeout")
-        self.log("info", "upstream timed out (110: Connection timed out)")
-        self.internal_error()
+            self.send(failure.client_reply)
+            raise SessionClosed()
+        finally:
+            # Whatever happened, release() closes the backend, after the client's last reply.
+            self.backend = backend.sock
+        self.action = backend.action
+        self.backend_tls = backend.tls
+        self.login_done("ok")
+        self.start_relay(logged_in)
 
     # -- the relay -------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 A backend login is its own sans-IO machine (spec 4.2-4.5): bytes from the backend go in, and out come
 the commands to write (`Send`), the `while <action>` text that now applies (`LogPhase`), and exactly one
-verdict, `LoggedIn` or `Failed`. The session owns the socket, the `timeout` deadline and the PROXY
-header; the machine owns every byte of the dialogue.
+verdict, `LoggedIn` or `Failed`. mailproxy/backend_login.py owns the socket, the `timeout` deadline
+and the PROXY header; the machine owns every byte of the dialogue.
 """
 
 from dataclasses import dataclass
