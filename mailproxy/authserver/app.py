@@ -58,11 +58,13 @@ class FailureCounter:
             return False
         return count >= self.limit
 
-    def failed(self, ip, login=None):
+    def failed(self, ip, login=None) -> bool:
+        """Counts one failure; True when it reaches the limit."""
         count, since = self.failures.get(ip, (0, self.clock()))
         self.failures[ip] = (count + 1, since)
         if len(self.failures) > 100000:  # a scan from many addresses must not grow memory for ever
             self.failures.clear()
+        return count + 1 >= self.limit
 
     def succeeded(self, ip, login=None):
         self.failures.pop(ip, None)
@@ -101,15 +103,20 @@ class RedisFailureCounter:
             return False
         return any(int(count) >= self.limit for count in counts if count is not None)
 
-    def failed(self, ip, login=None):
+    def failed(self, ip, login=None) -> bool:
+        """Counts one failure; True when it reaches the limit. The answer follows the count INCR gave
+        this failure, not a second read, so that however many auth servers answer one address at
+        once, exactly limit - 1 failures are told "invalid" and every later one "locked"."""
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 for key in self._keys(ip, login):
                     pipe.set(key, 0, ex=self.lockout, nx=True)
                     pipe.incr(key)
-                pipe.execute()
+                counts = pipe.execute()[1::2]
         except self.errors as exc:
             _warn("redis: %s" % exc)
+            return False
+        return any(count >= self.limit for count in counts)
 
     def succeeded(self, ip, login=None):
         try:
@@ -197,8 +204,7 @@ class AuthApp:
             return "ok", _ok(target)
         user = directory.users.get(login)
         if user is None or not user.check(method, password, salt):
-            self.failures.failed(client, login)
-            if self.failures.locked(client, login):
+            if self.failures.failed(client, login):
                 return "locked", [("Auth-Status", LOCKED)]
             return "invalid", [("Auth-Status", INVALID), ("Auth-Wait", str(self.wait))]
         target = directory.backend(login, protocol)
@@ -227,8 +233,7 @@ class AuthApp:
             # The client named someone else (authzid / user=) than the token speaks for.
             reason = "token is for %r, not %r" % (subject, login)
         if reason is not None:
-            self.failures.failed(client)
-            if self.failures.locked(client):
+            if self.failures.failed(client):
                 return "locked", [("Auth-Status", LOCKED)]
             return "invalid token: %s" % reason, [
                 ("Auth-Status", INVALID_TOKEN), ("Auth-Wait", str(self.wait)), ("Auth-Error-SASL", BEARER_ERROR)]

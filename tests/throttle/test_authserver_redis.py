@@ -2,58 +2,18 @@
 per client address and per login."""
 
 import importlib.util
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
+from throttlekit import require, wait_listening
 from mailproxy_testing import free_port
 
 USERS = "backend imap 127.0.0.1:1143\nuser alice@example.com {PLAIN}wonderland\n"
 LOCKED = "Too many invalid logins, try again later"
 INVALID = "Invalid login or password"
-
-
-def require(what, present):
-    # In CI a missing dependency is a broken setup (.ci/run installs it), not a reason to skip.
-    if not present:
-        if os.environ.get("CI") == "true":
-            pytest.fail("%s is required in CI" % what)
-        pytest.skip("%s is not installed" % what)
-
-
-def wait_listening(port, process, what):
-    """Readiness: the port accepts; fails at once if the process died instead."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            assert process.poll() is None, "%s exited with %s" % (what, process.returncode)
-            assert time.monotonic() < deadline, "%s never listened" % what
-            time.sleep(0.02)
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    require("redis-server", shutil.which("redis-server"))
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL)
-    try:
-        wait_listening(port, process, "redis-server")
-        yield "redis://127.0.0.1:%d/0" % port
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture

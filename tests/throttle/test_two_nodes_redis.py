@@ -1,14 +1,12 @@
 """Two mailproxy nodes, each asking its own mailproxy-auth, the two auth servers sharing one real
 redis-server (`--redis`): failed logins from one client address count once across both nodes.
 
-Real processes throughout: two mailproxy masters running the real session, two mailproxy-auth
-(`--max-failures 5 --wait 1`), one redis-server, a tiny IMAP backend for the login that succeeds.
+Real processes throughout: two mailproxy masters with two workers each running the real session, two
+mailproxy-auth (`--wait 1`), one redis-server, a tiny IMAP backend for the logins that succeed.
 Clients bind 127.0.0.2 and 127.0.0.3, both loopback addresses on Linux, to be two client addresses.
 """
 
 import importlib.util
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mailproxy_testing import free_port, read_line, read_to_close, wait_for
+from mailproxy_testing import free_port, read_line, read_to_close
+from throttlekit import require, wait_listening
 
 ATTACKER = "127.0.0.2"
 OTHER = "127.0.0.3"
@@ -25,9 +24,9 @@ INVALID = b"a NO Invalid login or password\r\n"
 LOCKED = b"a NO Too many invalid logins, try again later\r\n"
 
 CONFIG = """
-worker_processes 1;
+worker_processes 2;
 error_log logs/error.log info;
-events { worker_connections 64; }
+events { worker_connections 256; }
 mail {
     auth_http 127.0.0.1:%d/auth;
     server { listen 127.0.0.1:%d; protocol imap; }
@@ -35,112 +34,35 @@ mail {
 """
 
 
-def require(what, present):
-    # In CI a missing dependency is a broken setup (.ci/run installs it), not a reason to skip.
-    if not present:
-        if os.environ.get("CI") == "true":
-            pytest.fail("%s is required in CI" % what)
-        pytest.skip("%s is not installed" % what)
-
-
-def wait_listening(port, process, what):
-    """Readiness: the port accepts; fails at once if the process died instead."""
-    def accepts():
-        assert process.poll() is None, "%s exited with %s" % (what, process.returncode)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        except OSError:
-            return False
-        return True
-
-    wait_for(accepts, 20, "%s to listen" % what)
-
-
-class TinyImapBackend:
-    """Greets, takes LOGIN (in literals, as the proxy sends it), says OK to anything, BYE on LOGOUT."""
-
-    def __init__(self):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed by the test
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn):
-        with conn, conn.makefile("rb") as reader:
-            conn.sendall(b"* OK backend ready\r\n")
-            command = b""
-            for line in reader:
-                command += line
-                if line.endswith(b"}\r\n"):
-                    size = int(line[line.rindex(b"{") + 1:-3])
-                    conn.sendall(b"+ go on\r\n")
-                    command += reader.read(size)
-                    continue
-                tag, _, rest = command.partition(b" ")
-                command = b""
-                if rest.upper().startswith(b"LOGOUT"):
-                    conn.sendall(b"* BYE\r\n" + tag + b" OK bye\r\n")
-                    return
-                conn.sendall(tag + b" OK done\r\n")
-
-    def close(self):
-        self.listener.close()
-
-
 @pytest.fixture
-def redis_url(tmp_path):
-    require("redis-server", shutil.which("redis-server"))
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL)
-    try:
-        wait_listening(port, process, "redis-server")
-        yield "redis://127.0.0.1:%d/0" % port
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-@pytest.fixture
-def backend():
-    server = TinyImapBackend()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def nodes(tmp_path, redis_url, backend, mailproxy_master):
-    """The IMAP ports of two mailproxy nodes, each with its own mailproxy-auth on the shared Redis."""
+def two_nodes(tmp_path, redis_url, backend, mailproxy_master):
+    """two_nodes(limit) -> ([IMAP port of each node], [access log of each node's mailproxy-auth]); each
+    node asks its own mailproxy-auth, both on the shared Redis, `limit` failures per address or login."""
     # mailproxy-auth imports the client only with --redis; the test only needs to know it is there.
     require("the redis Python client", importlib.util.find_spec("redis") is not None)
     users = tmp_path / "users"
     users.write_text("backend imap 127.0.0.1:%d\nuser alice@example.com {PLAIN}wonderland\n" % backend.port)
-    processes, ports = [], []
-    try:
+    processes = []
+
+    def start(limit):
+        ports, access_logs = [], []
         for _ in range(2):
             auth_port = free_port()
+            access_logs.append(tmp_path / ("access%d.log" % auth_port))
             # --wait 1: a refusal below the limit carries Auth-Wait, so the proxy keeps the session open
             # (and answers after a second); the lock-out carries none, so the proxy closes after its NO.
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "mailproxy.authserver.app", "--users", str(users),
-                 "--listen", "127.0.0.1:%d" % auth_port, "--max-failures", "5", "--lockout", "60", "--wait", "1",
-                 "--redis", redis_url, "--access-log", str(tmp_path / ("access%d.log" % auth_port))]))
+                 "--listen", "127.0.0.1:%d" % auth_port, "--max-failures", str(limit), "--lockout", "60",
+                 "--wait", "1", "--redis", redis_url, "--access-log", str(access_logs[-1])]))
             wait_listening(auth_port, processes[-1], "mailproxy-auth")
             port = free_port()
             mailproxy_master(CONFIG % (auth_port, port), handler=None)
             ports.append(port)
-        yield ports
+        return ports, access_logs
+
+    try:
+        yield start
     finally:
         for process in processes:
             process.terminate()
@@ -172,8 +94,8 @@ def locked_and_closed(port, user, password):
         return login(sock, user, password), read_to_close(sock)
 
 
-def test_failures_spread_over_two_nodes_lock_the_address_out(nodes):
-    first, second = nodes
+def test_failures_spread_over_two_nodes_lock_the_address_out(two_nodes):
+    (first, second), _ = two_nodes(5)
     # Four failures, two on each node, under distinct logins so that only the per-address count can
     # reach the limit. They run side by side: each answer comes after Auth-Wait's second.
     with ThreadPoolExecutor(4) as pool:
@@ -195,3 +117,65 @@ def test_failures_spread_over_two_nodes_lock_the_address_out(nodes):
             assert login(sock, "alice@example.com", "wonderland") == b"a OK done\r\n"
             sock.sendall(b"b LOGOUT\r\n")
             assert read_to_close(sock).endswith(b"b OK bye\r\n")
+
+
+def fails(port, user):
+    """One failed login from the attacking address: the reply; the session is then ended as the reply
+    allows (LOGOUT after "invalid", which keeps it open; nothing after "locked", which closes it)."""
+    with connect(port, ATTACKER) as sock:
+        reply = login(sock, user, "wrong")
+        if reply == INVALID:
+            sock.sendall(b"b LOGOUT\r\n")
+            assert read_to_close(sock) == b"* BYE\r\nb OK completed\r\n"
+        else:
+            assert read_to_close(sock) == b""
+        return reply
+
+
+def logs_in(port, source):
+    with connect(port, source) as sock:
+        reply = login(sock, "alice@example.com", "wonderland")
+        sock.sendall(b"b LOGOUT\r\n")
+        return reply, read_to_close(sock)
+
+
+def test_thousand_failures_over_two_nodes_cut_off_at_the_limit(two_nodes):
+    limit = 10
+    ports, access_logs = two_nodes(limit)
+    attempts = 1000
+    # Another address keeps logging in through both nodes for as long as the attack lasts.
+    attack_over = threading.Event()
+    other_replies = []
+
+    def other_address():
+        while not attack_over.is_set() or len(other_replies) < 20:
+            other_replies.append(logs_in(ports[len(other_replies) % 2], OTHER))
+
+    bystander = threading.Thread(target=other_address)
+    bystander.start()
+    try:
+        # Sixteen clients side by side over both nodes (two workers each), a distinct login per attempt
+        # so that only the per-address count can reach the limit.
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(
+                lambda n: fails(ports[n % 2], "u%d@example.com" % n), range(attempts)))
+    finally:
+        attack_over.set()
+        bystander.join(60)
+    # Redis counts each failure once, atomically, whichever auth server saw it: exactly limit - 1 are
+    # told "invalid" (with Auth-Wait, the proxy answering after a second), every later one is locked out.
+    assert replies.count(INVALID) == limit - 1
+    assert replies.count(LOCKED) == attempts - (limit - 1)
+    # Every attempt was decided by an auth server: the two access logs hold them all, split between them.
+    results = {"invalid": 0, "locked": 0}
+    for log in access_logs:
+        lines = [line for line in log.read_text().splitlines() if line.split()[1] == ATTACKER]
+        assert lines, "node with %s saw none of the attack" % log.name
+        for line in lines:
+            results[line.rsplit('result="', 1)[1].rstrip('"')] += 1
+    assert results == {"invalid": limit - 1, "locked": attempts - (limit - 1)}
+    assert len(other_replies) >= 20
+    assert all(reply == (b"a OK done\r\n", b"* BYE\r\nb OK bye\r\n") for reply in other_replies), other_replies[:3]
+    # Still locked: the right password from the attacking address is refused on both nodes.
+    for port in ports:
+        assert locked_and_closed(port, "alice@example.com", "wonderland") == (LOCKED, b"")

@@ -1,0 +1,71 @@
+"""Helpers the throttling tests share (their fixtures are in conftest.py): a tiny IMAP backend for
+the logins that succeed, and readiness of the processes they start."""
+
+import os
+import socket
+import threading
+
+import pytest
+
+from mailproxy_testing import wait_for
+
+
+def require(what, present):
+    # In CI a missing dependency is a broken setup (.ci/run installs it), not a reason to skip.
+    if not present:
+        if os.environ.get("CI") == "true":
+            pytest.fail("%s is required in CI" % what)
+        pytest.skip("%s is not installed" % what)
+
+
+def wait_listening(port, process, what):
+    """Readiness: the port accepts; fails at once if the process died instead."""
+    def accepts():
+        assert process.poll() is None, "%s exited with %s" % (what, process.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    wait_for(accepts, 20, "%s to listen" % what)
+
+
+class TinyImapBackend:
+    """Greets, takes LOGIN in literals (as the proxy sends it), says OK to anything, BYE on LOGOUT."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed by the test
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn):
+        with conn, conn.makefile("rb") as reader:
+            conn.sendall(b"* OK backend ready\r\n")
+            command = b""
+            for line in reader:
+                command += line
+                if line.endswith(b"}\r\n"):
+                    size = int(line[line.rindex(b"{") + 1:-3])
+                    conn.sendall(b"+ go on\r\n")
+                    command += reader.read(size)
+                    continue
+                tag, _, rest = command.partition(b" ")
+                command = b""
+                if rest.upper().startswith(b"LOGOUT"):
+                    conn.sendall(b"* BYE\r\n" + tag + b" OK bye\r\n")
+                    return
+                conn.sendall(tag + b" OK done\r\n")
+
+    def close(self):
+        self.listener.close()
