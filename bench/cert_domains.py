@@ -9,7 +9,10 @@ Run by hand (not part of the test suite). It measures:
   are read by the worker at first use, so the two should not differ;
 * the first handshake for a name (its files are read and a context made) vs the same names again
   (served from the worker's LRU cache, which still stats the files), beside the default certificate;
-* memory per loaded certificate: worker RSS / PSS growth after loading M distinct names, divided by M.
+* memory per loaded certificate: worker RSS / PSS growth after loading M distinct names, divided by M;
+* beside Debian's nginx where it can do the same work: nginx's mail module takes `$ssl_server_name` in
+  `ssl_certificate` as a literal file name (`nginx -t` fails), so it serves one certificate per
+  listening address; its start and default-certificate handshake are measured with the default pair.
 
 Each client handshake is a fresh Python ssl socket with server_hostname set, verifying the chain and the
 name, and no session offered (so nothing is resumed). Writes bench/results/cert_domains.md.
@@ -55,6 +58,27 @@ mail {
     }
 }
 """
+
+
+# The same server for nginx, less what it cannot take: a certificate named by $ssl_server_name.
+NGINX_CONFIG = """
+load_module %(module)s;
+worker_processes 1;
+pid %(prefix)s/logs/nginx.pid;
+error_log %(prefix)s/logs/error.log error;
+events { worker_connections 1024; }
+mail {
+    auth_http 127.0.0.1:1/auth;
+    server {
+        listen 127.0.0.1:%(port)d ssl;
+        protocol imap;
+        ssl_certificate %(certs)s/default.pem;
+        ssl_certificate_key %(certs)s/default.key;
+    }
+}
+"""
+NGINX = "/usr/sbin/nginx"
+NGINX_MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 
 
 def name_of(i):
@@ -208,14 +232,15 @@ class Master:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                # The master reaps its worker on TERM; if it hangs, KILL it and its one worker by pid.
+                # Either master reaps its worker on TERM; if it hangs, KILL it and its one worker by pid.
                 for pid in self._children():
                     os.kill(pid, signal.SIGKILL)
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc.stderr.close()
-        self.notify.close()
-        shutil.rmtree(self.notify_dir)
+        if self.notify is not None:  # nginx has no readiness notification
+            self.notify.close()
+            shutil.rmtree(self.notify_dir)
         shutil.rmtree(self.prefix)
 
     def _children(self):
@@ -224,6 +249,58 @@ class Master:
                 return [int(pid) for pid in handle.read().split()]
         except FileNotFoundError:
             return []
+
+
+class NginxMaster(Master):
+    """Debian's nginx (master and one worker) with NGINX_CONFIG; it has no readiness notification, so
+    start time is exec to the first TLS greeting, polled every 5 ms."""
+
+    def __init__(self, certs_dir, ca_path):
+        self.prefix = tempfile.mkdtemp(prefix="certdom-nginx")
+        os.makedirs(os.path.join(self.prefix, "logs"))
+        self.port = free_port()
+        self.conf = os.path.join(self.prefix, "nginx.conf")
+        with open(self.conf, "w") as out:
+            out.write(NGINX_CONFIG % dict(module=NGINX_MAIL_MODULE, prefix=self.prefix, port=self.port,
+                                          certs=certs_dir))
+        self.ca_path = ca_path
+        self.versions = set()
+        self.notify = self.notify_dir = None
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([NGINX, "-p", self.prefix, "-c", self.conf, "-g", "daemon off;"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = self.started + 60
+            while True:
+                if self.proc.poll() is not None or time.perf_counter() > deadline:
+                    raise RuntimeError("nginx not ready (exit %s): %s" % (self.proc.poll(), self.error_log()))
+                try:
+                    self.handshake(None, greeting=True)
+                    break
+                except (ConnectionRefusedError, ssl.SSLError):
+                    time.sleep(0.005)
+            self.start_seconds = time.perf_counter() - self.started
+        except BaseException:
+            self.stop()
+            raise
+
+
+def nginx_refusal(certs_dir):
+    """What `nginx -t` says of the $ssl_server_name configuration (the last line of its complaint)."""
+    prefix = tempfile.mkdtemp(prefix="certdom-nginx-t")
+    try:
+        os.makedirs(os.path.join(prefix, "logs"))
+        conf = os.path.join(prefix, "nginx.conf")
+        text = NGINX_CONFIG % dict(module=NGINX_MAIL_MODULE, prefix=prefix, port=free_port(), certs=certs_dir)
+        with open(conf, "w") as out:
+            out.write(text.replace("%s/default.pem" % certs_dir, "%s/$ssl_server_name.pem" % certs_dir))
+        done = subprocess.run([NGINX, "-t", "-p", prefix, "-c", conf], capture_output=True, text=True)
+        emerg = [line for line in done.stderr.splitlines() if "[emerg]" in line]
+        if done.returncode == 0 or not emerg:
+            return "nginx -t accepted it (exit %d)" % done.returncode
+        return emerg[0].split("[emerg]", 1)[1].split(":", 1)[1].split(" (SSL:")[0].strip()
+    finally:
+        shutil.rmtree(prefix)
 
 
 def ms(values):
@@ -248,8 +325,15 @@ def machine():
     return [("CPUs (nproc)", str(os.cpu_count())), ("CPU model", model),
             ("memory", "%.1f GiB" % (mem_kib / (1 << 20))), ("kernel", platform.release()),
             ("Python", platform.python_version()), ("OpenSSL (Python's ssl)", ssl.OPENSSL_VERSION),
-            ("cryptography", metadata.version("cryptography")),
+            ("cryptography", metadata.version("cryptography")), ("nginx", _nginx_version()),
             ("mailproxy", "git HEAD %s, plus the working tree" % (commit or "?"))]
+
+
+def _nginx_version():
+    try:
+        return subprocess.run([NGINX, "-v"], capture_output=True, text=True).stderr.strip().split(": ", 1)[-1]
+    except OSError:
+        return "not installed"
 
 
 def main():
@@ -311,6 +395,27 @@ def main():
         print("handshake: default %s, first %s, cached %s, no file %s ms" % (
             ms(default), ms(first), ms(cached), ms(no_file)), flush=True)
 
+        # nginx, where it can do the same work: start and the default certificate, alternating with a
+        # fresh mailproxy so that both meet the same machine.
+        nginx_starts, nginx_default, mailproxy_default = [], [], []
+        have_nginx = os.path.exists(NGINX) and os.path.exists(NGINX_MAIL_MODULE)
+        if have_nginx:
+            refusal = nginx_refusal(many.root)
+            for _ in range(args.starts):
+                for kind in (NginxMaster, Master):
+                    engine = kind(many.root, many.ca_path)
+                    masters.append(engine)
+                    if kind is NginxMaster:
+                        nginx_starts.append(engine.start_seconds)
+                    for _ in range(20):
+                        engine.handshake(None)
+                    timed = [engine.handshake(None) for _ in range(args.latency_names // args.starts)]
+                    (nginx_default if kind is NginxMaster else mailproxy_default).extend(timed)
+                    engine.stop()
+                    masters.remove(engine)
+            print("nginx: start %s ms, default handshake %s ms (mailproxy alongside %s ms)" % (
+                ms(nginx_starts), ms(nginx_default), ms(mailproxy_default)), flush=True)
+
         # Memory: a fresh master, warmed on the default certificate, then M names it has not seen.
         master = Master(many.root, many.ca_path)
         masters.append(master)
@@ -351,6 +456,17 @@ def main():
         ("worker PSS per loaded certificate", "KiB", "%.1f" % per_pss, "PSS %d -> %d KiB; %d KiB after "
          "the same names again" % (pss0, pss1, pss2)),
     ]
+    if have_nginx:
+        rows += [
+            ("nginx: master start, default pair only", "ms", ms(nginx_starts),
+             "median of %d; exec to first TLS greeting (polled every 5 ms); ratio mailproxy/nginx %.2f" % (
+                 len(nginx_starts), statistics.median(starts["many"]) / statistics.median(nginx_starts))),
+            ("nginx: handshake, default certificate", "ms", ms(nginx_default),
+             "p90 %s; mailproxy in the same rounds %s ms (ratio %.2f)" % (
+                 p90(nginx_default), ms(mailproxy_default),
+                 statistics.median(mailproxy_default) / statistics.median(nginx_default))),
+            ("nginx: certificate by SNI name", "", "cannot", "`nginx -t`: %s" % refusal),
+        ]
     command = "python bench/cert_domains.py --domains %d --latency-names %d --memory-names %d --starts %d" % (
         args.domains, args.latency_names, args.memory_names, args.starts)
     lines = ["# Certificates by SNI name: %s domains, one worker" % format(args.domains, ","), "",
