@@ -288,7 +288,9 @@ class _Direction:
 def _detach(gsock):
     """Trade a gevent socket for a bare _socket.socket: the gevent object carries two io watchers and a
     Python wrapper that an idle relayed session does not need."""
-    raw = _socket.socket(fileno=gsock.detach())
+    # Family, type and protocol are passed, not probed: from a descriptor alone the socket module asks
+    # the kernel for each (three system calls a socket, six a login).
+    raw = _socket.socket(gsock.family, gsock.type, gsock.proto, gsock.detach())
     raw.setblocking(False)
     return raw
 
