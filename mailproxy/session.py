@@ -320,6 +320,17 @@ class Session:
             self.handshake_failed("error")
             self.fail_socket("recv", exc)
         self.tls = True
+        group = tls.sni_group(self.listen)
+        if group is not None:
+            # Certificates by SNI (ours): the auth server learns which name the client asked for.
+            self.sni_name = getattr(self.sock, "mailproxy_server_name", None)
+            if not self.starttls:
+                # With `listen ... ssl` the name arrives before the greeting, so the server it chose runs
+                # the whole session: its auth_http, capabilities, timeouts, logs and client-certificate
+                # rules. After STARTTLS the client has already seen the first server's greeting and
+                # capabilities, so that server keeps the session and only the certificate follows the name.
+                self.server = group.server_of(self.sock)
+                self.error_log = self.worker.log_for(self.server)
         broken = tls.load_error(self.sock)
         if broken:
             # Certificate files by SNI name (ours): the default certificate served instead.
@@ -332,10 +343,6 @@ class Session:
             self.send(reply)
             raise SessionClosed()
         self.ssl_info = tls.session_info(self.sock, self.server)
-        if tls.sni_group(self.listen) is not None:
-            # Certificates by SNI (ours): the default server runs the session; the auth server learns
-            # which name the client asked for, the one that chose the certificate.
-            self.sni_name = getattr(self.sock, "mailproxy_server_name", None)
 
     def resolve_client_host(self):
         """SMTP's Client-Host and XCLIENT NAME (spec 5); runs before the greeting, the client unread."""

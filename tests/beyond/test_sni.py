@@ -99,6 +99,43 @@ def test_certificate_by_server_name(certs, auth, mailproxy_master, starttls):
     assert "[alert]" not in master.error_log()
 
 
+@pytest.mark.parametrize("starttls", [False, True])
+def test_chosen_server_runs_an_implicit_tls_session(certs, auth, mailproxy_master, starttls):
+    """With `listen ... ssl` the server the name chose runs the session (its auth_http, capabilities);
+    after STARTTLS the first server keeps it: its greeting and capabilities were already sent."""
+    other_auth = RecordingAuthServer({}, {})
+    try:
+        port = free_port()
+        tls_mode = ("", "starttls on; ") if starttls else ("ssl", "")
+        body = "".join(
+            "    server { listen 127.0.0.1:%d %s; protocol imap; server_name %s; %s%s"
+            "ssl_certificate %s; ssl_certificate_key %s; }\n"
+            % (port, tls_mode[0], DOMAINS[label], tls_mode[1], extra, certs[label][0], certs[label][1])
+            for label, extra in (
+                ("default", ""),
+                ("one", 'auth_http %s; imap_capabilities "IMAP4rev1" "X-ONE";' % other_auth.url)))
+        master = mailproxy_master(config(auth.url, body), handler=None)
+        stdin = b"c CAPABILITY\r\na LOGIN alice secret\r\n"
+        one = s_client(port, "mail.one.test", starttls, stdin)
+        default = s_client(port, "mail.default.test", starttls, stdin)
+        assert subject_cn(one) == "cn-one" and subject_cn(default) == "cn-default"
+        for out in (one, default):
+            assert "a NO Invalid login or password" in out, out
+        assert "X-ONE" not in default
+        if starttls:
+            assert "X-ONE" not in one
+            assert [h.get("auth-ssl-server-name") for _, h in auth.requests] == [
+                b"mail.one.test", b"mail.default.test"]
+            assert other_auth.requests == []
+        else:
+            assert "* CAPABILITY IMAP4rev1 X-ONE" in one, one
+            assert [h.get("auth-ssl-server-name") for _, h in other_auth.requests] == [b"mail.one.test"]
+            assert [h.get("auth-ssl-server-name") for _, h in auth.requests] == [b"mail.default.test"]
+        assert "[alert]" not in master.error_log()
+    finally:
+        other_auth.close()
+
+
 def test_single_server_sends_no_server_name(certs, auth, mailproxy_master):
     port = free_port()
     body = "    server { listen 127.0.0.1:%d ssl; protocol imap; server_name mail.one.test; " \
