@@ -102,6 +102,7 @@ class Session:
         self.client_ip, self.client_port = _address_text(peer, listen)
         self.action = None
         self.login = b""
+        self.machine = None
         self.upstream = None
         self.deadline = None
         self.backend = None
@@ -133,10 +134,13 @@ class Session:
             parts.append(" while " + self.action)
         starttls = " using starttls" if self.starttls else ""
         parts.append(", client: %s%s, server: %s" % (self.client_ip, starttls, self.listen.text))
-        if self.login:
-            parts.append(', login: "%s"' % escape_for_log(self.login))
+        # Until the auth server has routed the session the client's own words name the login, as soon as
+        # it gave them (nginx's s->login); from then on the login the auth server answered (Auth-User).
+        login = self.login if self.upstream or self.machine is None else self.machine.login
+        if login:
+            parts.append(', login: "%s"' % escape_for_log(login))
         # nginx stops at an empty login: SMTP relay sessions (method none) never show their upstream.
-        if self.login and self.upstream:
+        if login and self.upstream:
             parts.append(", upstream: %s" % self.upstream)
         self.error_log.log(level, "".join(parts), self.number)
 

@@ -132,7 +132,7 @@ class Machine:
     AuthAttempt fields differ) and ``_failure_reply``.
     """
 
-    __slots__ = ("config", "tls", "state", "errors", "commands", "attempts", "_buffer", "_scan_from",
+    __slots__ = ("config", "tls", "state", "errors", "commands", "attempts", "login", "_buffer", "_scan_from",
                  "_login", "_method", "_pending_failure", "_salt", "_cram_challenge")
 
     _CHALLENGE_PREFIX = b"+ "
@@ -173,6 +173,10 @@ class Machine:
         self._buffer = bytearray()
         self._scan_from = 0  # no LF before this offset: no rescan until more arrives
         self._login = b""  # AUTH LOGIN's user name (POP3: USER's) until the password comes
+        # The login nginx's log lines show (its s->login): set by the command that names it (USER, AUTH
+        # LOGIN's user name, a CRAM-MD5 response even with a bad digest, any attempt), kept after a
+        # refusal, so the session's lines carry it before the auth server is asked, as nginx's do.
+        self.login = b""
         self._method = None  # of the pending or last attempt, for Auth-Error-SASL
         self._pending_failure = None  # (reply, wait) behind an Auth-Error-SASL challenge
         self._salt = salt  # for CRAM-MD5 (and APOP): made on first use when not given, then kept
@@ -320,13 +324,17 @@ class Machine:
         if state is self._SASL_ERROR:
             return self._sasl_error_response(tokens)
         if state is self._AUTH_LOGIN_USERNAME:
-            self._login = sasl.decode_base64(tokens[0], "login")
+            self._login = self.login = sasl.decode_base64(tokens[0], "login")
             self.state = self._AUTH_LOGIN_PASSWORD
             return [Send(self._PASSWORD_CHALLENGE)]
         if state is self._AUTH_LOGIN_PASSWORD:
             return self._authenticate("plain", self._login, sasl.decode_base64(tokens[0], "login"))
         method = self._EXCHANGE_METHODS[state]
-        login, password = SASL_PARSERS[method](sasl.decode_base64(tokens[0], method))
+        decoded = sasl.decode_base64(tokens[0], method)
+        if method == "cram-md5":
+            # nginx takes the login (up to the first space) before it checks the digest.
+            self.login = decoded.partition(b" ")[0]
+        login, password = SASL_PARSERS[method](decoded)
         return self._authenticate(method, login, password)
 
     def _sasl_error_response(self, tokens):

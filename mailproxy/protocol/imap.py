@@ -259,6 +259,7 @@ class ImapMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_error
     def _authenticate(self, method, login, password):
         self.attempts += 1
         self._method = method
+        self.login = login
         self.state = State.AUTHENTICATING
         salt = self._salt if method == "cram-md5" else None
         attempt = AuthAttempt(method, login, password, self.attempts, salt=salt, tag=self.tag,

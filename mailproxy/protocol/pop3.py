@@ -223,6 +223,7 @@ class Pop3Machine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
     def _authenticate(self, method: str, login: bytes, password: bytes):
         self.attempts += 1
         self._method = method
+        self.login = login
         self.state = State.AUTHENTICATING
         salt = self._salt if method in ("apop", "cram-md5") else None
         return [Authenticate(AuthAttempt(method, login, password, self.attempts, salt))]
@@ -235,7 +236,7 @@ class Pop3Machine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
     def _user(self, args):
         if self._starttls_only() or len(args) != 1:
             raise _Rejected()
-        self._login = args[0]
+        self._login = self.login = args[0]
         self.state = State.USER
         return [Send(OK)]
 

@@ -399,6 +399,7 @@ class SieveMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_erro
     def _authenticate(self, method, login, password):
         self.attempts += 1
         self._method = method
+        self.login = login
         self.state = State.AUTHENTICATING
         return [Authenticate(AuthAttempt(method, login, password, self.attempts))]
 

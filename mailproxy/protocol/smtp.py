@@ -216,6 +216,8 @@ class SmtpMachine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
     def _authenticate(self, method: str, login: bytes, password: bytes):
         self.attempts += 1
         self._method = method
+        if method != "none":  # SMTP's relay without AUTH names no login and leaves nginx's as it was
+            self.login = login
         self.state = State.AUTHENTICATING
         # Auth-SMTP-From/To belong to method none only (spec 3.2).
         envelope = (self.mail_from, self.rcpt_to) if method == "none" else (b"", b"")

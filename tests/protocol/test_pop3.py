@@ -726,3 +726,21 @@ def test_nginx_retry_then_command_words_as_sasl_responses():
         ],
         config,
     )
+
+
+def test_login_as_nginx_logs_it():
+    """machine.login is what nginx's log lines show (s->login): named by USER, by a CRAM-MD5 response
+    even when its digest is refused, kept after a refusal, replaced by the next attempt's login."""
+    machine = Pop3Machine(Pop3Config.build(methods={"plain", "cram-md5", "external"}), salt=SALT)
+    assert machine.login == b""
+    machine.receive_data(b"USER alice\r\n")
+    assert machine.login == b"alice"
+    machine.receive_data(b"PASS secret\r\n")
+    machine.auth_failed("Invalid login or password", wait=True)
+    assert machine.login == b"alice"
+    machine.receive_data(b"AUTH CRAM-MD5\r\n")
+    assert machine.receive_data(b64(b"bob short") + b"\r\n")[0] == info(
+        "client sent invalid CRAM-MD5 hash in AUTH CRAM-MD5 command")
+    assert machine.login == b"bob"
+    machine.receive_data(b"AUTH EXTERNAL =\r\n")
+    assert machine.login == b""
