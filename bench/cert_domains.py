@@ -41,10 +41,12 @@ from cryptography.x509.oid import NameOID
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "cert_domains.md")
 
+# One IMAPS server. mailproxy finds a certificate by the client's server name beside the default pair;
+# nginx gets the same server less what it cannot take (BY_NAME), and a pid file in its prefix.
 CONFIG = """
-user root;
+%(head)s
 worker_processes 1;
-error_log logs/error.log error;
+error_log %(prefix)slogs/error.log error;
 events { worker_connections 1024; }
 mail {
     auth_http 127.0.0.1:1/auth;
@@ -52,31 +54,25 @@ mail {
         listen 127.0.0.1:%(port)d ssl;
         protocol imap;
         ssl_certificate %(certs)s/default.pem;
-        ssl_certificate_key %(certs)s/default.key;
+        ssl_certificate_key %(certs)s/default.key;%(by_name)s
+    }
+}
+"""
+BY_NAME = """
         ssl_certificate %(certs)s/$ssl_server_name.pem;
-        ssl_certificate_key %(certs)s/$ssl_server_name.key;
-    }
-}
-"""
+        ssl_certificate_key %(certs)s/$ssl_server_name.key;"""
 
 
-# The same server for nginx, less what it cannot take: a certificate named by $ssl_server_name.
-NGINX_CONFIG = """
-load_module %(module)s;
-worker_processes 1;
-pid %(prefix)s/logs/nginx.pid;
-error_log %(prefix)s/logs/error.log error;
-events { worker_connections 1024; }
-mail {
-    auth_http 127.0.0.1:1/auth;
-    server {
-        listen 127.0.0.1:%(port)d ssl;
-        protocol imap;
-        ssl_certificate %(certs)s/default.pem;
-        ssl_certificate_key %(certs)s/default.key;
-    }
-}
-"""
+def mailproxy_config(port, certs):
+    return CONFIG % dict(head="user root;", prefix="", port=port, certs=certs, by_name=BY_NAME % dict(certs=certs))
+
+
+def nginx_config(prefix, port, certs, by_name=False):
+    head = "load_module %s;\npid %s/logs/nginx.pid;" % (NGINX_MAIL_MODULE, prefix)
+    return CONFIG % dict(head=head, prefix=prefix + "/", port=port, certs=certs,
+                         by_name=BY_NAME % dict(certs=certs) if by_name else "")
+
+
 NGINX = "/usr/sbin/nginx"
 NGINX_MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 
@@ -140,7 +136,7 @@ class Master:
         self.port = free_port()
         self.conf = os.path.join(self.prefix, "mailproxy.conf")
         with open(self.conf, "w") as out:
-            out.write(CONFIG % dict(port=self.port, certs=certs_dir))
+            out.write(mailproxy_config(self.port, certs_dir))
         self.ca_path = ca_path
         self.versions = set()  # TLS versions negotiated, for the report
         # READY=1 on a notify socket (as systemd's) says the master is up without polling its port; the
@@ -261,8 +257,7 @@ class NginxMaster(Master):
         self.port = free_port()
         self.conf = os.path.join(self.prefix, "nginx.conf")
         with open(self.conf, "w") as out:
-            out.write(NGINX_CONFIG % dict(module=NGINX_MAIL_MODULE, prefix=self.prefix, port=self.port,
-                                          certs=certs_dir))
+            out.write(nginx_config(self.prefix, self.port, certs_dir))
         self.ca_path = ca_path
         self.versions = set()
         self.notify = self.notify_dir = None
@@ -291,9 +286,8 @@ def nginx_refusal(certs_dir):
     try:
         os.makedirs(os.path.join(prefix, "logs"))
         conf = os.path.join(prefix, "nginx.conf")
-        text = NGINX_CONFIG % dict(module=NGINX_MAIL_MODULE, prefix=prefix, port=free_port(), certs=certs_dir)
         with open(conf, "w") as out:
-            out.write(text.replace("%s/default.pem" % certs_dir, "%s/$ssl_server_name.pem" % certs_dir))
+            out.write(nginx_config(prefix, free_port(), certs_dir, by_name=True))
         done = subprocess.run([NGINX, "-t", "-p", prefix, "-c", conf], capture_output=True, text=True)
         emerg = [line for line in done.stderr.splitlines() if "[emerg]" in line]
         if done.returncode == 0 or not emerg:
