@@ -22,9 +22,10 @@ def available() -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    # One source of ports for the whole run (tests/conftest.py): it never hands out a port twice.
+    from mailproxy_testing import free_port as shared
+
+    return shared()
 
 
 class NginxMail:

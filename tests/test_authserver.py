@@ -27,9 +27,10 @@ user carol@example.org %s imap=127.0.0.1:4143
 
 
 def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    # One source of ports for the whole run (tests/conftest.py): it never hands out a port twice.
+    from mailproxy_testing import free_port as shared
+
+    return shared()
 
 
 @pytest.fixture

@@ -36,9 +36,10 @@ def require_curl():
 
 
 def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    # One source of ports for the whole run (tests/conftest.py): it never hands out a port twice.
+    from mailproxy_testing import free_port as shared
+
+    return shared()
 
 
 def issue(sub="alice", key=SECRET, algorithm="HS256", lifetime=300, **claims):
