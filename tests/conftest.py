@@ -98,6 +98,13 @@ def free_port(host="127.0.0.1", family=socket.AF_INET):
             probe.close()
 
 
+def mail_config(auth_url, body):
+    """One worker, info log, `timeout 10s`, `auth_http` at mail level: what the end-to-end tests of
+    the features beyond nginx share; ``body`` follows inside mail {} and closes it."""
+    return ("\nworker_processes 1;\nerror_log logs/error.log info;\nevents { worker_connections 64; }\n"
+            "mail {\n    auth_http %s;\n    timeout 10s;\n" % auth_url) + body
+
+
 def imap_config(*listens, main="", events="", mail="", server=""):
     """A complete configuration: one IMAP server per `listens` entry (a listen line's arguments)."""
     servers = "".join(

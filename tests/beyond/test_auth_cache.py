@@ -8,7 +8,7 @@ import pytest
 from authserver import RecordingAuthServer
 from backends import USERS, dovecot  # noqa: F401
 from mailproxy.auth_http.cache import AuthCache, client_network
-from mailproxy_testing import free_port
+from mailproxy_testing import free_port, mail_config
 
 TTL = 1.0
 
@@ -17,16 +17,9 @@ TTL = 1.0
 def edge(dovecot, mailproxy_master):  # noqa: F811
     auth = RecordingAuthServer(USERS, {"imap": ("127.0.0.1", dovecot.imap_port)})
     port = free_port()
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 10s;
-    server { listen 127.0.0.1:%d; protocol imap; auth_http_cache %gs negative=%gs; }
+    config = mail_config(auth.url, """    server { listen 127.0.0.1:%d; protocol imap; auth_http_cache %gs negative=%gs; }
 }
-""" % (auth.url, port, TTL, TTL)
+""" % (port, TTL, TTL))
     master = mailproxy_master(config, handler=None)
     yield port, auth, master
     auth.close()

@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from authserver import RecordingAuthServer
-from mailproxy_testing import free_port
+from mailproxy_testing import free_port, mail_config
 
 LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\w+\] \d+#0: ")
 
@@ -15,17 +15,10 @@ LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\w+\] \d+#0: ")
 def edge(mailproxy_master):
     auth = RecordingAuthServer({"alice": "secret"}, {})
     ports = {"imap": free_port(), "pop3": free_port()}
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 10s;
-    server { listen 127.0.0.1:%d; protocol imap; }
+    config = mail_config(auth.url, """    server { listen 127.0.0.1:%d; protocol imap; }
     server { listen 127.0.0.1:%d; protocol pop3; }
 }
-""" % (auth.url, ports["imap"], ports["pop3"])
+""" % (ports["imap"], ports["pop3"]))
     master = mailproxy_master(config, handler=None)
     yield ports, master
     auth.close()

@@ -8,7 +8,7 @@ import pytest
 
 from authserver import RecordingAuthServer
 from backends import USERS, dovecot, wait_for_log  # noqa: F401
-from mailproxy_testing import free_port
+from mailproxy_testing import free_port, mail_config
 
 CLIENT_IP = "127.0.0.5"  # not the proxy's own address towards Dovecot (127.0.0.1)
 
@@ -18,18 +18,11 @@ def edge(dovecot, mailproxy_master):  # noqa: F811
     auth = RecordingAuthServer(
         USERS, {"imap": ("127.0.0.1", dovecot.imap_port), "pop3": ("127.0.0.1", dovecot.pop3_port)})
     ports = {"imap": free_port(), "pop3": free_port(), "plain": free_port()}
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 10s;
-    server { listen 127.0.0.1:%d; protocol imap; proxy_client_id on; }
+    config = mail_config(auth.url, """    server { listen 127.0.0.1:%d; protocol imap; proxy_client_id on; }
     server { listen 127.0.0.1:%d; protocol pop3; proxy_client_id on; }
     server { listen 127.0.0.1:%d; protocol imap; }
 }
-""" % (auth.url, ports["imap"], ports["pop3"], ports["plain"])
+""" % (ports["imap"], ports["pop3"], ports["plain"]))
     master = mailproxy_master(config, handler=None)
     yield ports, dovecot
     auth.close()

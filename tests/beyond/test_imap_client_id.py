@@ -7,7 +7,7 @@ import pytest
 
 from authserver import RecordingAuthServer
 from backends import USERS, dovecot, wait_for_log  # noqa: F401
-from mailproxy_testing import free_port
+from mailproxy_testing import free_port, mail_config
 
 THUNDERBIRD = b'a ID ("name" "Thunderbird" "version" "115.0")\r\n'
 CLIENT_IP = "127.0.0.6"  # not the proxy's own address towards Dovecot
@@ -17,18 +17,11 @@ CLIENT_IP = "127.0.0.6"  # not the proxy's own address towards Dovecot
 def edge(dovecot, mailproxy_master):  # noqa: F811
     auth = RecordingAuthServer(USERS, {"imap": ("127.0.0.1", dovecot.imap_port)})
     ports = {"on": free_port(), "both": free_port(), "off": free_port()}
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 10s;
-    server { listen 127.0.0.1:%d; protocol imap; imap_client_id on; }
+    config = mail_config(auth.url, """    server { listen 127.0.0.1:%d; protocol imap; imap_client_id on; }
     server { listen 127.0.0.1:%d; protocol imap; imap_client_id on; proxy_client_id on; }
     server { listen 127.0.0.1:%d; protocol imap; }
 }
-""" % (auth.url, ports["on"], ports["both"], ports["off"])
+""" % (ports["on"], ports["both"], ports["off"]))
     master = mailproxy_master(config, handler=None)
     yield ports, dovecot, auth
     auth.close()

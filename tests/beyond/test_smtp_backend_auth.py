@@ -9,7 +9,7 @@ import pytest
 
 from authserver import RecordingAuthServer
 from backends import USERS, postfix  # noqa: F401
-from mailproxy_testing import free_port
+from mailproxy_testing import free_port, mail_config
 
 
 class RecordingSmtpBackend:
@@ -67,20 +67,13 @@ def ok_reply(port, method=None):
 def edge(mailproxy_master):
     auth = RecordingAuthServer(USERS, {})
     ports = {"off": free_port(), "login": free_port(), "on": free_port()}
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 10s;
-    server_name proxy.test;
+    config = mail_config(auth.url, """    server_name proxy.test;
     xclient off;
     server { listen 127.0.0.1:%d; protocol smtp; }
     server { listen 127.0.0.1:%d; protocol smtp; proxy_smtp_auth login; }
     server { listen 127.0.0.1:%d; protocol smtp; proxy_smtp_auth on; }
 }
-""" % (auth.url, ports["off"], ports["login"], ports["on"])
+""" % (ports["off"], ports["login"], ports["on"]))
     master = mailproxy_master(config, handler=None)
     yield ports, auth, master
     auth.close()
@@ -151,18 +144,11 @@ def test_postfix_with_auth_method_none(postfix, mailproxy_master):  # noqa: F811
     """Postfix has no SASL here: the auth server must say `none`, else Postfix refuses the AUTH."""
     auth = RecordingAuthServer(USERS, {"smtp": ("127.0.0.1", postfix.smtp_port)})
     port = free_port()
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 10s;
-    server_name proxy.test;
+    config = mail_config(auth.url, """    server_name proxy.test;
     proxy_smtp_auth on;
     server { listen 127.0.0.1:%d; protocol smtp; }
 }
-""" % (auth.url, port)
+""" % (port))
     master = mailproxy_master(config, handler=None)
     try:
         # proxy_smtp_auth on alone: Postfix answers AUTH with 503, the client gets the internal error.

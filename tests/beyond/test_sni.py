@@ -9,7 +9,7 @@ import trustme
 from authserver import RecordingAuthServer
 from mailproxy.conf.lexer import ConfigError
 from mailproxy.conf.load import load_config
-from mailproxy_testing import free_port
+from mailproxy_testing import free_port, mail_config
 
 DOMAINS = {"default": "mail.default.test", "one": "mail.one.test", "wild": "*.two.test"}
 
@@ -38,15 +38,7 @@ def servers(certs, port, listen_extra="ssl", server_extra=""):
 
 
 def config(auth_url, body):
-    return """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 10s;
-%s}
-""" % (auth_url, body)
+    return mail_config(auth_url, body + "}\n")
 
 
 def s_client(port, servername=None, starttls=False, stdin=b"a LOGIN alice secret\r\n"):
