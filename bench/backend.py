@@ -101,80 +101,75 @@ class Conn:
             n -= len(piece)
 
 
-def handle(sock, _address):
-    conn = Conn(sock)
-    try:
-        sock.sendall(b"* OK ready\r\n")
-        while True:
-            command = conn.command()
-            if command is None:
-                return
-            tag, _, rest = command.partition(b" ")
-            verb, _, arg = rest.partition(b" ")
-            verb = verb.upper()
-            if verb == b"LOGIN":
-                sock.sendall(tag + b" OK LOGIN done\r\n")
-            elif verb == b"STREAM":
-                conn.stream(int(arg))
-                sock.sendall(tag + b" OK\r\n")
-            elif verb == b"SINK":
-                sock.sendall(b"+ go\r\n")
-                if not conn.sink(int(arg)):
-                    return
-                sock.sendall(tag + b" OK\r\n")
-            elif verb == b"LOGOUT":
-                sock.sendall(b"* BYE\r\n" + tag + b" OK\r\n")
-                return
-            elif verb == b"NOOP":
-                sock.sendall(tag + b" OK\r\n")
-            else:
-                sock.sendall(tag + b" BAD\r\n")
-    except ConnectionError:
-        return  # a client that resets mid-stream (a killed load process) is not the backend's failure
-    finally:
-        sock.close()
+def _session(dialogue):
+    """A StreamServer handler running ``dialogue(sock, conn)`` until either side ends it."""
+    def handler(sock, _address):
+        try:
+            dialogue(sock, Conn(sock))
+        except ConnectionError:
+            return  # a client that resets mid-stream (a killed load process) is not the backend's failure
+        finally:
+            sock.close()
+
+    return handler
 
 
-def handle_pop3(sock, _address):
-    conn = Conn(sock)
-    try:
-        sock.sendall(b"+OK ready\r\n")
-        while True:
-            line = conn.line()
-            if line is None:
+def imap_dialogue(sock, conn):
+    sock.sendall(b"* OK ready\r\n")
+    while True:
+        command = conn.command()
+        if command is None:
+            return
+        tag, _, rest = command.partition(b" ")
+        verb, _, arg = rest.partition(b" ")
+        verb = verb.upper()
+        if verb == b"LOGIN":
+            sock.sendall(tag + b" OK LOGIN done\r\n")
+        elif verb == b"STREAM":
+            conn.stream(int(arg))
+            sock.sendall(tag + b" OK\r\n")
+        elif verb == b"SINK":
+            sock.sendall(b"+ go\r\n")
+            if not conn.sink(int(arg)):
                 return
-            verb = line.split(b" ", 1)[0].upper()
-            if verb == b"QUIT":
-                sock.sendall(b"+OK bye\r\n")
-                return
-            sock.sendall(b"+OK\r\n" if verb in (b"USER", b"PASS", b"NOOP") else b"-ERR\r\n")
-    except ConnectionError:
-        return  # as in handle(): a client that resets is not the backend's failure
-    finally:
-        sock.close()
+            sock.sendall(tag + b" OK\r\n")
+        elif verb == b"LOGOUT":
+            sock.sendall(b"* BYE\r\n" + tag + b" OK\r\n")
+            return
+        elif verb == b"NOOP":
+            sock.sendall(tag + b" OK\r\n")
+        else:
+            sock.sendall(tag + b" BAD\r\n")
 
 
-def handle_smtp(sock, _address):
-    conn = Conn(sock)
-    try:
-        sock.sendall(b"220 bench ESMTP\r\n")
-        while True:
-            line = conn.line()
-            if line is None:
-                return
-            verb = line.split(b" ", 1)[0].upper()
-            if verb == b"QUIT":
-                sock.sendall(b"221 bye\r\n")
-                return
-            sock.sendall(b"220 bench ESMTP\r\n" if verb == b"XCLIENT" else
-                         b"235 ok\r\n" if verb == b"AUTH" else b"250 ok\r\n")
-    except ConnectionError:
-        return  # as in handle(): a client that resets is not the backend's failure
-    finally:
-        sock.close()
+def pop3_dialogue(sock, conn):
+    sock.sendall(b"+OK ready\r\n")
+    while True:
+        line = conn.line()
+        if line is None:
+            return
+        verb = line.split(b" ", 1)[0].upper()
+        if verb == b"QUIT":
+            sock.sendall(b"+OK bye\r\n")
+            return
+        sock.sendall(b"+OK\r\n" if verb in (b"USER", b"PASS", b"NOOP") else b"-ERR\r\n")
 
 
-HANDLERS = {"imap": handle, "pop3": handle_pop3, "smtp": handle_smtp}
+def smtp_dialogue(sock, conn):
+    sock.sendall(b"220 bench ESMTP\r\n")
+    while True:
+        line = conn.line()
+        if line is None:
+            return
+        verb = line.split(b" ", 1)[0].upper()
+        if verb == b"QUIT":
+            sock.sendall(b"221 bye\r\n")
+            return
+        sock.sendall(b"220 bench ESMTP\r\n" if verb == b"XCLIENT" else
+                     b"235 ok\r\n" if verb == b"AUTH" else b"250 ok\r\n")
+
+
+HANDLERS = {"imap": _session(imap_dialogue), "pop3": _session(pop3_dialogue), "smtp": _session(smtp_dialogue)}
 
 
 def implicit_tls(handler, cert, key):
