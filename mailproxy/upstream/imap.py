@@ -6,6 +6,7 @@ synchronizing: the backend answers each with a "+" continuation before the next 
 """
 
 import enum
+import re
 from typing import List
 
 from .common import SENDING_STARTTLS, UpstreamLogin, line_end
@@ -30,6 +31,20 @@ def id_command(tag: bytes, client_id=None, client_fields=()) -> bytes:
         # Addresses and ports never hold quotes or backslashes, so plain quoted strings are enough.
         parts.extend(('"%s" "%s"' % (name, value)).encode("ascii") for name, value in fields)
     return b"%s ID (%s)\r\n" % (tag, b" ".join(parts))
+
+
+def forwardable_id_name(name: bytes) -> bool:
+    """Whether a client's ID field may reach the backend. Dovecot trusts x-* fields (x-originating-ip,
+    x-session-id, x-forward-*...) from the proxy's address, so a client's own would pass for the proxy's
+    word. The name is judged as it would be sent: a control byte would be dropped on the way
+    ("x\\x01-originating-ip" becomes "x-originating-ip"), so a name holding one, or any byte a field name
+    has no use for (non-ASCII), is dropped whole rather than cleaned."""
+    if _UNSENDABLE_NAME.search(name) is not None:
+        return False
+    return not name.strip().lower().startswith(b"x-")
+
+
+_UNSENDABLE_NAME = re.compile(rb"[\x00-\x1f\x7f-\xff]")
 
 
 def _quoted(value: bytes) -> bytes:
@@ -70,9 +85,7 @@ class ImapUpstreamLogin(UpstreamLogin):
         # proxy_client_id (ours): (client ip, client port, local ip, local port), named before LOGIN
         self._client_id = client_id
         # imap_client_id (ours): the client's ID fields ((name, value | None), ...), told before LOGIN
-        # Dovecot trusts x-* fields (x-originating-ip, x-session-id, x-forward-*...) from the proxy's
-        # address: a client's own would pass for the proxy's word, so none goes on.
-        self._client_fields = tuple(field for field in client_fields if field[0][:2].lower() != b"x-")
+        self._client_fields = tuple(field for field in client_fields if forwardable_id_name(field[0]))
         # A tag never contains a space; accept it with or without the separator the client used.
         self._tag = tag.rstrip(b" ")
         self._state = _State.GREETING

@@ -94,3 +94,45 @@ def test_off_stays_nginx(edge):
     client.sock.sendall(THUNDERBIRD + b"b NOOP\r\n")
     assert client.until(b"b OK completed\r\n") == b"a BAD invalid command\r\nb OK completed\r\n"
     client.close()
+
+
+# issue 25 item 1: a client must never choose the address Dovecot believes. Each of these names was, or
+# could become on the way, a field Dovecot trusts from the proxy (login_trusted_networks covers it).
+FORGED_NAMES = [
+    b'"x\x01-originating-ip"',  # the control byte was dropped after the filter had looked
+    b'{17}\r\nx\x01-originating-ip',  # the same as a literal
+    b'"X-Originating-IP"',  # case
+    b'" x-originating-ip"',  # a leading space
+    b'"x-\xc3\xa9originating-ip"',  # non-ASCII
+]
+
+
+@pytest.mark.parametrize("port_name", ["on", "both"])
+@pytest.mark.parametrize("forged", FORGED_NAMES, ids=range(len(FORGED_NAMES)))
+def test_client_cannot_forge_trusted_fields(edge, port_name, forged):
+    ports, dovecot, auth = edge
+    client = Client(ports[port_name])
+    marker = b"115.%d" % (abs(hash((port_name, forged))) % 100000)
+    command = (b'a ID ("name" "Thunderbird" "version" "' + marker + b'" ' + forged + b' "6.6.6.6" '
+               b'"x\x01-session-id" "forged-session" "x\x7f-forward-evil" "1")\r\n')
+    if b"{17}" in forged:
+        head, _, rest = command.partition(b"\r\n")
+        client.sock.sendall(head + b"\r\n")
+        assert client.until(b"\r\n").startswith(b"+ ")
+        client.sock.sendall(rest)
+    else:
+        client.sock.sendall(command)
+    client.until(b"a OK ID completed\r\n")
+    client.sock.sendall(b'b LOGIN bob "%s"\r\n' % USERS["bob"].encode())
+    assert b"b OK" in client.tagged(b"b")
+    client.sock.sendall(b"c LOGOUT\r\n")
+    client.until(b"c OK")
+    client.close()
+    log = wait_for_log(dovecot.log_path, marker.decode())
+    sent = [each for each in log.splitlines() if marker.decode() in each][-1]
+    assert "6.6.6.6" not in sent and "forged-session" not in sent and "evil" not in sent, sent
+    login = [each for each in wait_for_log(dovecot.log_path, "Login: user=<bob>").splitlines()
+             if "Login: user=<bob>" in each][-1]
+    assert "6.6.6.6" not in login and "forged-session" not in login, login
+    # With proxy_client_id the backend hears the real client; without, the proxy's own address.
+    assert "rip=%s" % (CLIENT_IP if port_name == "both" else "127.0.0.1") in login, login
