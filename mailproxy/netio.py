@@ -12,7 +12,9 @@ Both keep the semantics of the calls they replace: the same exceptions (``socket
 ``timeout`` seconds, ``OSError`` with the kernel's errno) and the same bytes on the wire.
 """
 
+import os
 import socket as _stdlib_socket
+import ssl
 
 from gevent import socket
 
@@ -45,3 +47,22 @@ def connect_ip(address: str, port: int, timeout: float):
         sock.close()
         raise
     return sock
+
+
+def failed_call(call: str, exc: OSError) -> str:
+    """nginx's words for a failed ``recv``/``send``: the kernel's errno, or for a TLS connection OpenSSL's
+    reason under SSL_read/SSL_write (an SSLError's errno is OpenSSL's error class, not an errno: strerror
+    would turn SSL_ERROR_SSL into "Operation not permitted")."""
+    if isinstance(exc, ssl.SSLError):
+        return "SSL_%s() failed (SSL: %s)" % ("read" if call == "recv" else "write", ssl_reason(exc))
+    code = exc.errno or 0
+    return "%s() failed (%d: %s)" % (call, code, os.strerror(code))
+
+
+def ssl_reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason as nginx shows it, without Python's "[SSL: NAME]" prefix and "(_ssl.c:N)" tail."""
+    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
+    if text.startswith("["):
+        text = text.partition("] ")[2] or text
+    cut = text.rfind(" (_ssl.c:")
+    return text[:cut] if cut > 0 else text

@@ -34,6 +34,8 @@ from typing import Callable
 import _socket
 import gevent
 
+from mailproxy import netio
+
 if os.environ.get("MAILPROXY_NO_SPLICE") == "1":
     _splice = None
 else:
@@ -78,13 +80,6 @@ class _End(Exception):
     def __init__(self, reason):
         super().__init__(reason)
         self.reason = reason
-
-
-def _failed(call, exc):
-    if isinstance(exc, ssl.SSLError):
-        return "SSL_%s() failed (SSL: %s)" % ("read" if call == "recv" else "write", exc.reason or exc)
-    code = exc.errno if exc.errno is not None else 0
-    return "%s() failed (%d: %s)" % (call, code, os.strerror(code))
 
 
 class _PipePool:
@@ -180,7 +175,7 @@ class _Direction:
             except ssl.SSLWantReadError:
                 return self._park(self.dst_read)
             except OSError as exc:
-                raise _End(_failed("send", exc)) from None
+                raise _End(netio.failed_call("send", exc)) from None
             self.moved += n
             self.backlog = self.backlog[n:] if n < len(self.backlog) else None
         self.scratch_view = False
@@ -220,7 +215,7 @@ class _Direction:
             except OSError as exc:
                 # nginx counts a read error as EOF: what was read before it is still delivered.
                 self.eof = True
-                self.eof_reason = _failed("recv", exc)
+                self.eof_reason = netio.failed_call("recv", exc)
                 continue
             if n == 0:
                 self.eof = True
@@ -252,9 +247,9 @@ class _Direction:
             if exc.side == "src":
                 # The pump drains the pipe before every read, so nothing is lost here.
                 _pool.give(pipe)
-                raise _End(_failed("recv", exc)) from None
+                raise _End(netio.failed_call("recv", exc)) from None
             pipe.close()
-            raise _End(_failed("send", exc)) from None
+            raise _End(netio.failed_call("send", exc)) from None
         self.moved += moved
         if status == _splice.AGAIN_DST:
             self.pipe = pipe

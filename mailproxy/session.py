@@ -217,7 +217,7 @@ class Session:
         raise SessionClosed()
 
     def fail_socket(self, call, exc):
-        self.log("info", "%s() failed (%d: %s)" % (call, exc.errno or 0, os.strerror(exc.errno or 0)))
+        self.log("info", netio.failed_call(call, exc))
         raise SessionClosed()
 
     def send(self, data):
@@ -302,23 +302,27 @@ class Session:
         if remaining <= 0:
             raise SessionClosed()  # a handshake that times out closes silently (spec 2.0.6)
         self.sock.settimeout(remaining)
-        # The SSL socket takes over the descriptor: from here self.sock must be the only owner.
-        self.sock = gevent_ssl.SSLSocket(
-            sock=self.sock, server_side=True, do_handshake_on_connect=False,
-            _context=tls.context_for(self.server, self.listen),
-        )
         self.metrics.tls.inc()
+        context = tls.context_for(self.server, self.listen)
         try:
+            # The SSL socket takes over the descriptor: from here self.sock must be the only owner. Building
+            # it already reads the socket (a peer that reset it, or closed it with bytes queued, fails here),
+            # so it belongs to the handshake's failures, not to the session's bugs.
+            self.sock = gevent_ssl.SSLSocket(
+                sock=self.sock, server_side=True, do_handshake_on_connect=False, _context=context,
+            )
             self.sock.do_handshake()
         except socket.timeout:
             self.handshake_failed("timeout")
             raise SessionClosed()
         except ssl.SSLError as exc:
             self.handshake_failed("error")
-            if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            # gevent words a peer that closed before the handshake with bytes queued as an SSLError whose
+            # errno is the kernel's ENOTCONN: for nginx that is the same closed peer.
+            if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or exc.errno == errno.ENOTCONN:
                 self.log("info", "peer closed connection in SSL handshake")
             else:
-                self.log("info", "SSL_do_handshake() failed (SSL: %s)" % tls.ssl_error_text(exc))
+                self.log("info", "SSL_do_handshake() failed (SSL: %s)" % netio.ssl_reason(exc))
             raise SessionClosed()
         except OSError as exc:
             self.handshake_failed("error")

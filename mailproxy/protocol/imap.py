@@ -219,6 +219,8 @@ class ImapMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_error
     def _starttls(self, args):
         if self.tls or self.config.starttls == "off":
             return self._reject()
+        # RFC 2595 3.1: whatever the client said in clear may have been a man in the middle's words.
+        self.client_fields = ()
         return self._begin_tls(self._prefix() + OK)
 
     def _login_command(self, args):
