@@ -7,13 +7,15 @@ idle relayed session costs no greenlet stack.
 """
 
 import errno
-import os
+import select
 import socket
 import ssl
 import time
 
 import gevent
 from gevent import ssl as gevent_ssl
+from gevent.monkey import get_original
+from gevent.socket import wait_read
 
 from mailproxy.auth_http import cache as auth_cache
 from mailproxy.auth_http import request as auth_request
@@ -367,6 +369,23 @@ class Session:
         self.metrics.tls_failed.inc()
         self.result = result
 
+    def pause(self, seconds):
+        """Wait ``seconds`` (Auth-Wait, a throttle's delay) while watching the client. A client that leaves
+        ends the session here: asking the auth server again, or logging in to the backend, for nobody
+        would be work for an attacker's benefit (a client could open sessions, get WAIT and vanish)."""
+        deadline = time.monotonic() + seconds
+        fd = self.sock.fileno()
+        try:
+            wait_read(fd, seconds)
+        except socket.timeout:
+            return
+        # POLLRDHUP sees the client's FIN even behind bytes it sent ahead, which stay for the machine.
+        if _client_gone(fd):
+            self.log("info", "client closed connection")
+            raise SessionClosed()
+        # Readable with the client still there: its bytes wait in the kernel for the machine.
+        gevent.sleep(max(0.0, deadline - time.monotonic()))
+
     def login_done(self, result):
         """The verdict on one login attempt, counted once (metrics.LOGIN_RESULTS says what each means)."""
         if self.login_result is None:
@@ -396,13 +415,12 @@ class Session:
                 self.login_throttled()
                 return
             if delay:
-                gevent.sleep(delay)
+                self.pause(delay)
         client = auth_client(self.server)
         cache = auth_cache.cache_for(self.server)
         cache_key = outcome = None
         if cache is not None:
-            cache_key = cache.key(self.server.protocol, attempt, self.client_ip, self.ssl_info is not None,
-                                  self.sni_name)
+            cache_key = cache.key(request, attempt.method)
             outcome = cache.get(cache_key)
             if outcome is not None:
                 self.log("debug", "auth http cache hit")
@@ -420,7 +438,7 @@ class Session:
                 self.internal_error()
             self.metrics.auth_seconds.observe(time.monotonic() - began)
             if isinstance(outcome, AuthRetry):
-                gevent.sleep(outcome.wait)
+                self.pause(outcome.wait)
                 outcome = None
                 continue
             if cache is not None:
@@ -434,7 +452,7 @@ class Session:
             if limit_keys and limiter.failed(limit_keys):
                 self.log("notice", "too many failed logins, blocked for %gs" % limiter.limit.block)
             if outcome.wait:
-                gevent.sleep(outcome.wait)
+                self.pause(outcome.wait)
             actions = self.machine.auth_failed(
                 outcome.text,
                 wait=bool(outcome.wait),
@@ -588,3 +606,11 @@ def _peer_text(ip, port):
     return "%s:%d" % (ip, port)
 
 
+# The kernel's poll(2): the worker's monkey-patched select.poll knows only readable and writable.
+_poll = get_original("select", "poll")
+
+
+def _client_gone(fd) -> bool:
+    poller = _poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))

@@ -3,16 +3,21 @@
 A busy edge asks the auth server once per login, and mail clients log in again and again with the same
 credentials (a phone polling every minute, a client opening five IMAP connections at once). With
 `auth_http_cache TIME [negative=TIME] [max=N]` a worker keeps each verdict for TIME (failures only with
-`negative=`, for that long), keyed by what the auth server bases it on: protocol, method, login, the
-password, the client's /24 (IPv4) or /64 (IPv6) network, TLS or not and the TLS server name.
+`negative=`, for that long), keyed by the request the auth server was sent, so that the verdict is reused
+only for a request the auth server would have seen identically: every header it may decide on is in the
+key (Auth-Method, Auth-User, Auth-Pass, Auth-Protocol, Auth-Login-Attempt, Client-IP, Client-Host, the
+Proxy-Protocol addresses, every Auth-SSL-* header including Auth-SSL-Verify and the client certificate's
+subject, issuer, serial and fingerprint, Auth-SSL-Server-Name, Auth-IMAP-ID and the configured
+auth_http_header lines). One header is left out: Proxy-Protocol-Port, the client's source port behind a
+load balancer, new on every connection and naming nobody.
 
 What is kept, and what never is:
 
-* The password only as HMAC-SHA256 under a key drawn at random in each process, so a memory dump or a
-  core file holds nothing that could be tried elsewhere, nor compared between workers.
+* The request (and so the password) only as HMAC-SHA256 under a key drawn at random in each process, so a
+  memory dump or a core file holds nothing that could be tried elsewhere, nor compared between workers.
 * A reply carrying `Auth-Pass` is not cached: keeping it would mean keeping a backend password in clear.
 * Only the `plain` method (IMAP LOGIN, POP3 USER/PASS, SASL PLAIN and LOGIN) is cached. APOP and CRAM-MD5
-  answer a fresh salt each time, EXTERNAL depends on the certificate, SMTP `none` on the envelope.
+  answer a fresh salt each time, EXTERNAL depends on the certificate alone, SMTP `none` on the envelope.
 * WAIT and errors are never cached; neither is anything the auth server did not answer.
 
 Each worker has its own cache, so a changed password can be accepted by a worker for at most TIME after
@@ -21,8 +26,8 @@ the change; that is the bargain the operator makes by turning it on.
 
 import hashlib
 import hmac
-import ipaddress
 import os
+import re
 import time
 from typing import Optional
 
@@ -41,18 +46,8 @@ def _key() -> bytes:
     return _secret[1]
 
 
-def password_digest(password: bytes) -> bytes:
-    return hmac.new(_key(), password, hashlib.sha256).digest()
-
-
-def client_network(client_ip: str) -> str:
-    """The /24 or /64 the client is in: a client hopping addresses in its network keeps its entry."""
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return client_ip  # "unix:"
-    prefix = 24 if address.version == 4 else 64
-    return str(ipaddress.ip_network("%s/%d" % (address, prefix), strict=False))
+# The client's source port behind a PROXY-protocol balancer: different on every connection.
+_SOURCE_PORT = re.compile(rb"^Proxy-Protocol-Port: [0-9]*\r\n", re.M)
 
 
 class AuthCache:
@@ -63,12 +58,12 @@ class AuthCache:
         self.clock = clock
         self._entries = {}  # key -> (expires, outcome); insertion order is age order
 
-    def key(self, protocol, attempt, client_ip, tls, server_name=None):
-        """The entry's key, or None when this attempt must always go to the auth server."""
-        if attempt.method not in CACHED_METHODS:
+    def key(self, request: bytes, method: str):
+        """The entry's key for the auth request ``request``, or None when it must always be asked."""
+        if method not in CACHED_METHODS:
             return None
-        return (protocol, attempt.method, bytes(attempt.login), password_digest(bytes(attempt.password)),
-                client_network(client_ip), bool(tls), server_name)
+        # An HMAC, as the password's own: the request holds the password, the key must not.
+        return hmac.new(_key(), _SOURCE_PORT.sub(b"", request), hashlib.sha256).digest()
 
     def get(self, key):
         if key is None:

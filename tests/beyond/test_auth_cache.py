@@ -7,7 +7,7 @@ import pytest
 
 from authserver import RecordingAuthServer
 from backends import USERS, dovecot  # noqa: F401
-from mailproxy.auth_http.cache import AuthCache, client_network
+from mailproxy.auth_http.cache import AuthCache
 from mailproxy_testing import free_port, mail_config
 
 TTL = 1.0
@@ -80,16 +80,18 @@ def test_unit_rules():
 
     clock = [0.0]
     cache = AuthCache(10, None, 2, clock=lambda: clock[0])
-    attempt = type("A", (), {"method": "plain", "login": b"u", "password": b"secret"})()
-    key = cache.key("imap", attempt, "192.0.2.7", False)
+    request = (b"GET /auth HTTP/1.0\r\nHost: a\r\nAuth-Method: plain\r\nAuth-User: u\r\nAuth-Pass: secret\r\n"
+               b"Auth-Protocol: imap\r\nAuth-Login-Attempt: 1\r\nClient-IP: 192.0.2.7\r\n"
+               b"Proxy-Protocol-Addr: 198.51.100.1\r\nProxy-Protocol-Port: %d\r\n%s\r\n")
+    key = cache.key(request % (1000, b""), "plain")
     assert b"secret" not in repr(key).encode()
-    assert key == cache.key("imap", attempt, "192.0.2.200", False)  # same /24
-    assert key != cache.key("imap", attempt, "192.0.3.7", False)
-    assert client_network("2001:db8::1") == "2001:db8::/64"
+    # Only the balancer's source port may change; any other header the auth server reads is another entry.
+    assert key == cache.key(request % (2000, b""), "plain")
+    assert key != cache.key(request.replace(b"192.0.2.7", b"192.0.2.8") % (1000, b""), "plain")
+    assert key != cache.key(request % (1000, b"Auth-SSL: on\r\nAuth-SSL-Verify: SUCCESS\r\n"), "plain")
     assert not cache.put(key, AuthOk("127.0.0.1", 1, "x", None, b"backend-pass"))  # Auth-Pass: never kept
     assert not cache.put(key, AuthFail("no", 0))  # no negative= : failures not kept
     assert cache.put(key, AuthOk("127.0.0.1", 1, "x", None, None))
-    salted = type("A", (), {"method": "cram-md5", "login": b"u", "password": b"d"})()
-    assert cache.key("imap", salted, "192.0.2.7", False) is None
+    assert cache.key(request % (1000, b""), "cram-md5") is None
     clock[0] = 10.0
     assert cache.get(key) is None
