@@ -123,9 +123,11 @@ def test_failure_wait_then_lockout_without_wait(authserver):
     ask(authserver, "alice@example.com", "bad", client="198.51.100.7")
     third = ask(authserver, "alice@example.com", "bad", client="198.51.100.7")
     assert "Auth-Wait" not in third
-    # Locked out even with the right password; other addresses are unaffected.
+    # Locked out even with the right password; so is the login alice, from anywhere (it failed three
+    # times too), while another login from another address is unaffected.
     assert "Auth-Wait" not in ask(authserver, "alice@example.com", "wonderland", client="198.51.100.7")
-    assert ask(authserver, "alice@example.com", "wonderland", client="198.51.100.8")["Auth-Status"] == "OK"
+    assert "Auth-Wait" not in ask(authserver, "alice@example.com", "wonderland", client="198.51.100.8")
+    assert ask(authserver, "bob@example.com", "builder", client="198.51.100.8")["Auth-Status"] == "OK"
 
 
 def test_smtp_relay_without_auth_routes_by_recipient(authserver):

@@ -2,13 +2,15 @@
 
 It answers nginx's auth_http protocol from a users file (see users.py): `Auth-Status: OK` with the
 backend's `Auth-Server`/`Auth-Port` (and `Auth-Pass` for APOP and CRAM-MD5, which need the clear text
-at the backend), or a failure text with `Auth-Wait` so the client may try again, until one client
-address has failed too often: then it answers without `Auth-Wait`, which makes the proxy close the
-session, and keeps doing so until the lock-out expires. The users file is re-read when it changes on
-disk (checked at most once a second) or on SIGHUP; a broken file keeps the last good one in force.
+at the backend), or a failure text with `Auth-Wait` so the client may try again, until a client
+address, its IPv6 /64 or a login name has failed too often: then it answers without `Auth-Wait`,
+which makes the proxy close the session, and keeps doing so until the lock-out expires. A successful
+login clears the failures of that login only, never those of its address, so an attacker cannot reset
+the count by logging in to an account of their own between guesses. The users file is re-read when it
+changes on disk (checked at most once a second) or on SIGHUP; a broken file keeps the last good one.
 
 Usage: mailproxy-auth --users FILE [--listen 127.0.0.1:9000] [--max-failures 10] [--lockout 300]
-                      [--wait 3] [--access-log FILE|-] [--redis redis://HOST:PORT/DB]
+                      [--max-tracked 100000] [--wait 3] [--access-log FILE|-] [--redis redis://HOST:PORT/DB]
                       [--jwt-key FILE [--jwt-algorithms HS256] [--jwt-audience AUD] [--jwt-issuer ISS]]
                       [--introspection-url URL [--introspection-auth USER:PASS]] [--jwt-user-claim sub]
 
@@ -16,10 +18,18 @@ With --jwt-key or --introspection-url, XOAUTH2 and OAUTHBEARER logins carry an O
 (tokens.py): the token's user claim names a user of the users file, whose backend and (for {PLAIN}
 users) clear-text password are sent back as Auth-User/Auth-Pass, because the backend knows passwords,
 not tokens. A refused token gets RFC 7628's error JSON in Auth-Error-SASL.
+
+The failure counters live in the process, or with --redis in Redis, shared by every mailproxy-auth using
+it. In the process, at most --max-tracked counters below the limit are kept: past that the oldest are
+forgotten, while locked-out keys are kept until their lock-out ends, so that flooding the table with
+failures from fresh addresses bounds its memory without unlocking anyone.
 """
 
 import argparse
 import base64
+import collections
+import hashlib
+import ipaddress
 import json
 import os
 import signal
@@ -40,43 +50,101 @@ BEARER_ERROR = base64.b64encode(json.dumps({"status": "401", "schemes": "bearer"
 
 
 class FailureCounter:
-    """Failed logins per client address within a sliding window, and lock-outs past the limit."""
+    """Failed logins per client address, per IPv6 /64 and per login, each counted for `lockout`
+    seconds from its first failure; a key that reaches the limit is locked out for the rest of them.
 
-    def __init__(self, limit, lockout, clock=time.monotonic):
+    Memory is bounded by forgetting the oldest counters below the limit past `max_tracked`, never the
+    locked ones: flooding the table from fresh addresses must not unlock anyone. Locked keys cost
+    `limit` failures each and go when their lock-out ends.
+    """
+
+    def __init__(self, limit, lockout, max_tracked=100000, clock=time.monotonic):
         self.limit = limit
         self.lockout = lockout
+        self.max_tracked = max_tracked
         self.clock = clock
-        self.failures = {}  # ip -> (count, first failure time)
+        self.counting = collections.OrderedDict()  # key -> (failures, first failure time), oldest first
+        self.lockouts = collections.OrderedDict()  # key -> time the lock-out ends, in the order locked
 
     def locked(self, ip, login=None) -> bool:
-        entry = self.failures.get(ip)
-        if entry is None:
-            return False
-        count, since = entry
-        if self.clock() - since > self.lockout:
-            del self.failures[ip]
-            return False
-        return count >= self.limit
+        now = self._expire()
+        return any(self.lockouts.get(key, now) > now for key in failure_keys(ip, login))
 
     def failed(self, ip, login=None) -> bool:
         """Counts one failure; True when it reaches the limit."""
-        count, since = self.failures.get(ip, (0, self.clock()))
-        self.failures[ip] = (count + 1, since)
-        if len(self.failures) > 100000:  # a scan from many addresses must not grow memory for ever
-            self.failures.clear()
-        return count + 1 >= self.limit
+        now = self._expire()
+        reached = False
+        for key in failure_keys(ip, login):
+            if self.lockouts.get(key, now) > now:
+                reached = True
+                continue
+            count, since = self.counting.get(key, (0, now))
+            if count + 1 >= self.limit:
+                self.counting.pop(key, None)
+                self.lockouts.pop(key, None)  # an expired lock-out still waiting behind a later one
+                self.lockouts[key] = since + self.lockout
+                reached = True
+            else:
+                self.counting[key] = (count + 1, since)
+        while len(self.counting) > self.max_tracked:
+            self.counting.popitem(last=False)
+        return reached
 
     def succeeded(self, ip, login=None):
-        self.failures.pop(ip, None)
+        # Only the login that proved itself starts afresh: clearing the address too would let an
+        # attacker reset the count by logging in to an account of their own between guesses.
+        if login:
+            self.counting.pop(_login_key(login), None)
+
+    def _expire(self):
+        now = self.clock()
+        # Counters are in the order of their first failure, so the expired ones are at the front.
+        while self.counting:
+            key, (_, since) = next(iter(self.counting.items()))
+            if now - since <= self.lockout:
+                break
+            del self.counting[key]
+        # Lock-outs are in the order they were locked, which their ends follow only roughly: one that
+        # ended behind one still running is ignored by the lookups and dropped when that one ends.
+        while self.lockouts:
+            key, end = next(iter(self.lockouts.items()))
+            if end > now:
+                break
+            del self.lockouts[key]
+        return now
+
+
+def failure_keys(ip, login):
+    """The counters one login attempt touches: its address, its IPv6 /64 (where one client may hold
+    billions of addresses), and its login name, case-insensitively."""
+    keys = ["ip:" + (ip or "-")]
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        address = None
+    if address is not None and address.version == 6 and address.ipv4_mapped is None:
+        keys.append("net:" + str(ipaddress.IPv6Network((address, 64), strict=False)))
+    if login:
+        keys.append(_login_key(login))
+    return keys
+
+
+def _login_key(login):
+    name = login.lower()
+    if len(name) > 256:
+        # Any client may send a login of kilobytes; a table of them would defeat --max-tracked.
+        name = "sha256:" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    return "login:" + name
 
 
 class RedisFailureCounter:
-    """FailureCounter's limit kept in Redis, per client address and per login, so that every
+    """FailureCounter's limit kept in Redis, per client address, IPv6 /64 and login, so that every
     mailproxy-auth sharing the Redis (and every proxy node behind them) enforces one limit.
 
     Each key counts failures from its first one for `lockout` seconds (SET NX EX, then INCR, in one
-    MULTI), the in-process counter's window. A Redis that cannot be reached locks nobody out: refusing
-    every login because the helper store is down would be an outage, not a defence.
+    MULTI), the in-process counter's window; Redis forgets the keys then, so --max-tracked does not
+    apply. A Redis that cannot be reached locks nobody out: refusing every login because the helper
+    store is down would be an outage, not a defence.
     """
 
     PREFIX = "mailproxy-auth:failures:"
@@ -90,10 +158,7 @@ class RedisFailureCounter:
         self.lockout = lockout
 
     def _keys(self, ip, login):
-        keys = [self.PREFIX + "ip:" + (ip or "-")]
-        if login:
-            keys.append(self.PREFIX + "login:" + login.lower())
-        return keys
+        return [self.PREFIX + key for key in failure_keys(ip, login)]
 
     def locked(self, ip, login=None) -> bool:
         try:
@@ -119,8 +184,11 @@ class RedisFailureCounter:
         return any(count >= self.limit for count in counts)
 
     def succeeded(self, ip, login=None):
+        # As FailureCounter.succeeded: the address keeps its failures.
+        if not login:
+            return
         try:
-            self.redis.delete(*self._keys(ip, login))
+            self.redis.delete(self.PREFIX + _login_key(login))
         except self.errors as exc:
             _warn("redis: %s" % exc)
 
@@ -202,8 +270,8 @@ class AuthApp:
             if target is None:
                 return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
             return "ok", _ok(target)
-        user = directory.users.get(login)
-        if user is None or not user.check(method, password, salt):
+        user = directory.authenticate(login, method, password, salt)
+        if user is None:
             if self.failures.failed(client, login):
                 return "locked", [("Auth-Status", LOCKED)]
             return "invalid", [("Auth-Status", INVALID), ("Auth-Wait", str(self.wait))]
@@ -240,7 +308,7 @@ class AuthApp:
         target = directory.backend(subject, protocol)
         if target is None:
             return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
-        self.failures.succeeded(client)
+        self.failures.succeeded(client, subject)
         reply = _ok(target) + [("Auth-User", subject)]
         if user.clear_text is not None:
             # Without Auth-Pass the proxy hands the token itself to the backend, which then must take it
@@ -276,11 +344,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="mailproxy-auth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", required=True, help="users file (see etc/users.example)")
     parser.add_argument("--listen", default="127.0.0.1:9000", help="address:port or unix:/path")
-    parser.add_argument("--max-failures", type=int, default=10, help="failures per client IP before lock-out")
+    parser.add_argument("--max-failures", type=int, default=10,
+                        help="failures per client IP, per IPv6 /64 and per login before lock-out")
     parser.add_argument("--lockout", type=int, default=300, help="seconds a lock-out lasts")
+    parser.add_argument("--max-tracked", type=int, default=100000, metavar="N",
+                        help="failure counters below the limit kept in memory (without --redis); past N "
+                             "the oldest are forgotten, locked-out ones are kept until their lock-out ends")
     parser.add_argument("--redis", metavar="URL",
-                        help="keep the failure counters (per IP and per login) in Redis, shared by every "
-                             "mailproxy-auth using it, e.g. redis://127.0.0.1:6379/0")
+                        help="keep the failure counters (per IP, per IPv6 /64 and per login) in Redis, shared "
+                             "by every mailproxy-auth using it, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--wait", type=int, default=3, help="Auth-Wait seconds after a failure")
     parser.add_argument("--access-log", default="-", help="file for one line a request, - for stdout")
     oauth = parser.add_argument_group("OAuth 2.0 bearer tokens (XOAUTH2, OAUTHBEARER)")
@@ -312,7 +384,7 @@ def main(argv=None):
     if args.redis:
         failures = RedisFailureCounter(args.redis, args.max_failures, args.lockout)
     else:
-        failures = FailureCounter(args.max_failures, args.lockout)
+        failures = FailureCounter(args.max_failures, args.lockout, args.max_tracked)
     app = AuthApp(users, failures, args.wait, access_log, checker)
     signal.signal(signal.SIGHUP, lambda *_: users.reload())
     if args.listen.startswith("unix:"):

@@ -12,8 +12,13 @@ where several addresses are given one is chosen by a stable hash of the login, s
 the same backend. Passwords are stored as Dovecot writes them: `{PLAIN}`, `{SHA512-CRYPT}`,
 `{SHA256-CRYPT}`, `{BLF-CRYPT}` (bcrypt) or `{CRYPT}`; the crypt schemes are checked by the system's
 libcrypt. APOP and CRAM-MD5 need the clear text, so they work for `{PLAIN}` users only.
+
+An unknown login is checked against the stored hash of a user of the file's most common crypt scheme
+(and then refused whatever the result), so that it takes as long as a known user's wrong password and
+the time of the answer does not tell which users exist.
 """
 
+import collections
 import ctypes
 import ctypes.util
 import hashlib
@@ -62,6 +67,16 @@ class Directory:
     users: dict
     domains: dict  # domain -> {protocol: [addresses]}
     defaults: dict  # protocol -> [addresses]
+    decoy: "User | None" = None  # checked for unknown logins, see the module's docstring
+
+    def authenticate(self, login: str, method: str, password: bytes, salt: bytes):
+        """The user, when the login exists and the proof is right; else None."""
+        user = self.users.get(login)
+        if user is None:
+            if self.decoy is not None:
+                self.decoy.check(method, password, salt)  # for its time only: an unknown login never passes
+            return None
+        return user if user.check(method, password, salt) else None
 
     def backend(self, login: str, protocol: str):
         """(ip, port) for this login and protocol, or None when nothing routes it."""
@@ -96,7 +111,17 @@ def parse(text: str, source: str = "users file") -> Directory:
             users[words[1]] = User(words[1], scheme, secret, _routes(words[3:], where))
         else:
             raise UsersFileError("invalid line in %s: %r" % (where, raw.strip()))
-    return Directory(users, domains, defaults)
+    return Directory(users, domains, defaults, _decoy(users))
+
+
+def _decoy(users):
+    # A real user's hash, not a made-up one: the same scheme with the same cost (rounds, bcrypt's log2
+    # cost) is what makes an unknown login as slow as a known one.
+    hashed = [user for user in users.values() if user.scheme in _CRYPT_SCHEMES]
+    if not hashed:
+        return None
+    scheme = collections.Counter(user.scheme for user in hashed).most_common(1)[0][0]
+    return next(user for user in hashed if user.scheme == scheme)
 
 
 def _routes(words, where):

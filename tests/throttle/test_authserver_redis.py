@@ -1,5 +1,5 @@
 """mailproxy-auth --redis: two auth server processes sharing a real redis-server enforce one limit,
-per client address and per login."""
+per client address, per IPv6 /64 and per login."""
 
 import importlib.util
 import subprocess
@@ -11,7 +11,8 @@ import requests
 from throttlekit import require, wait_listening
 from mailproxy_testing import free_port
 
-USERS = "backend imap 127.0.0.1:1143\nuser alice@example.com {PLAIN}wonderland\n"
+USERS = ("backend imap 127.0.0.1:1143\nuser alice@example.com {PLAIN}wonderland\n"
+         "user mallory@example.com {PLAIN}own-account\n")
 LOCKED = "Too many invalid logins, try again later"
 INVALID = "Invalid login or password"
 
@@ -62,3 +63,26 @@ def test_two_auth_servers_share_one_limit_per_login(auth_pair):
         assert ask(url, "alice@example.com", "wrong", "198.51.100.%d" % n) == INVALID
     assert ask(second, "Alice@example.com", "wrong", "198.51.100.9") == LOCKED
     assert ask(first, "alice@example.com", "wonderland", "198.51.100.10") == LOCKED
+
+
+def test_own_logins_between_guesses_do_not_reset_the_address(auth_pair):
+    # Issue 25 item 3 against the Redis store (limit four): guesses at alice, alternating between the servers,
+    # with a login to the attacker's own account after every third. Alice's login counter locks her
+    # guesses either way; what the own logins must not do is clear the address's count.
+    attacker = "192.0.2.66"
+    guesses, own = [], []
+    for n in range(1, 31):
+        guesses.append(ask(auth_pair[n % 2], "alice@example.com", "guess-%d" % n, attacker))
+        if n % 3 == 0:
+            own.append(ask(auth_pair[n // 3 % 2], "mallory@example.com", "own-account", attacker))
+    assert guesses == [INVALID] * 3 + [LOCKED] * 27
+    assert own == ["OK"] + [LOCKED] * 9
+
+
+def test_addresses_of_one_ipv6_64_share_a_counter(auth_pair):
+    first, second = auth_pair
+    for n, url in enumerate((first, second, first), 1):
+        assert ask(url, "nobody%d@example.com" % n, "x", "2001:db8:1:2::%x" % n) == INVALID
+    assert ask(second, "nobody4@example.com", "x", "2001:db8:1:2::4") == LOCKED
+    assert ask(first, "alice@example.com", "wonderland", "2001:db8:1:2:ffff::1") == LOCKED
+    assert ask(second, "alice@example.com", "wonderland", "2001:db8:1:3::1") == "OK"
