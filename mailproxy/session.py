@@ -428,7 +428,7 @@ class Session:
             began = time.monotonic()
             try:
                 reply = client.ask(request)
-                outcome = decide(reply, self.server.protocol, attempt.method, has_password=True)
+                outcome = decide(reply, self.server.protocol, attempt.method)
             except AuthHttpError as exc:
                 self.metrics.auth_seconds.observe(time.monotonic() - began)
                 self.metrics.auth_errors.inc()

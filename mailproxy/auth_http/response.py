@@ -285,11 +285,11 @@ def server_address(value: bytes):
         return None
 
 
-def decide(reply: AuthReply, protocol: str, method: str, has_password: bool):
+def decide(reply: AuthReply, protocol: str, method: str):
     """What the session does next (spec 3.4, in its order; 9.6 for Auth-Error-SASL).
 
-    ``has_password``: the attempt still holds a password usable for the backend login (False for
-    EXTERNAL, and for APOP/CRAM-MD5 whose digest is useless to a backend).
+    Without Auth-Pass, IMAP and POP3 need a password the backend can take: EXTERNAL has none, and the
+    APOP/CRAM-MD5 digest is useless to a backend.
 
     nginx re-queries at once, and forever, when WAIT comes without a positive Auth-Wait; here that reply is
     an internal error with its own log line instead.
@@ -313,11 +313,7 @@ def decide(reply: AuthReply, protocol: str, method: str, has_password: bool):
         )
     if not reply.server or not reply.port:
         return AuthError("auth http server %s did not send server or port" % peer)
-    if (
-        protocol != "smtp"
-        and reply.password is None
-        and (not has_password or method in _NO_PASSWORD_METHODS)
-    ):
+    if protocol != "smtp" and reply.password is None and method in _NO_PASSWORD_METHODS:
         return AuthError("auth http server %s did not send password" % peer)
     address = server_address(reply.server)
     if address is None:

@@ -30,7 +30,7 @@ def test_one_connection_per_request_and_exact_bytes(auth_server):
     conf = settings(url_for(server), headers=[("X-Key", "k")])
     for _ in range(3):
         reply = ask(conf)
-        assert decide(reply, "imap", "plain", True) == AuthOk("127.0.0.1", 143, "127.0.0.1:143", None, None)
+        assert decide(reply, "imap", "plain") == AuthOk("127.0.0.1", 143, "127.0.0.1:143", None, None)
     assert server.connections == 3
     assert [n for n, _ in server.requests] == [1, 2, 3]
     assert server.requests[0][1] == (

@@ -31,11 +31,11 @@ def feed_bytewise(data):
 FEEDS = pytest.mark.parametrize("feed", [feed_whole, feed_bytewise], ids=["whole", "bytewise"])
 
 
-def outcome(data, protocol="imap", method="plain", has_password=True):
+def outcome(data, protocol="imap", method="plain"):
     reply = feed_whole(data)
     assert reply is not None
     assert feed_bytewise(data) == reply
-    return decide(reply, protocol, method, has_password)
+    return decide(reply, protocol, method)
 
 
 def raises(data):
@@ -48,7 +48,7 @@ def raises(data):
 @FEEDS
 def test_ok_with_status_line(feed):
     reply = feed(b"HTTP/1.0 200 OK\r\n" + OK + b"\r\n")
-    assert decide(reply, "imap", "plain", True) == AuthOk("127.0.0.1", 143, "127.0.0.1:143", None, None)
+    assert decide(reply, "imap", "plain") == AuthOk("127.0.0.1", 143, "127.0.0.1:143", None, None)
 
 
 def test_status_code_is_ignored_500_with_ok_succeeds():
@@ -177,18 +177,18 @@ def test_missing_server_or_port(data):
     assert outcome(data) == AuthError("auth http server 127.0.0.1:9000 did not send server or port")
 
 
-@pytest.mark.parametrize("protocol, method, has_password, ok", [
-    ("imap", "external", False, False), ("pop3", "apop", False, False), ("imap", "cram-md5", False, False),
-    ("pop3", "cram-md5", True, False), ("imap", "plain", True, True), ("smtp", "cram-md5", False, True),
-    ("smtp", "external", False, True),
+@pytest.mark.parametrize("protocol, method, ok", [
+    ("imap", "external", False), ("pop3", "apop", False), ("imap", "cram-md5", False),
+    ("pop3", "cram-md5", False), ("imap", "plain", True), ("smtp", "cram-md5", True),
+    ("smtp", "external", True),
 ])
-def test_password_needed_for_imap_pop3(protocol, method, has_password, ok):
-    result = outcome(OK + b"\r\n", protocol, method, has_password)
+def test_password_needed_for_imap_pop3(protocol, method, ok):
+    result = outcome(OK + b"\r\n", protocol, method)
     if ok:
         assert isinstance(result, AuthOk)
     else:
         assert result == AuthError("auth http server 127.0.0.1:9000 did not send password")
-        assert isinstance(outcome(OK + b"Auth-Pass:\r\n\r\n", protocol, method, has_password), AuthOk)
+        assert isinstance(outcome(OK + b"Auth-Pass:\r\n\r\n", protocol, method), AuthOk)
 
 
 @pytest.mark.parametrize("value", [b"mail.example.com", b"127.0.0.256", b"1.2.3", b"[::1]", b"::1%lo",
@@ -254,7 +254,7 @@ def test_fuzz_random_bytes(data, chunk):
             if reply is not None:
                 for protocol in ("imap", "pop3", "smtp"):
                     for method in ("plain", "apop", "external", "none", "xoauth2"):
-                        assert isinstance(decide(reply, protocol, method, True),
+                        assert isinstance(decide(reply, protocol, method),
                                           (AuthOk, AuthFail, AuthRetry, AuthError))
         except AuthHttpError as exc:
             results.append(("error", exc.message))
@@ -279,4 +279,4 @@ def test_fuzz_well_formed_headers(headers, status_line):
         return
     assert isinstance(reply, AuthReply) and feed_bytewise(data) == reply
     for protocol in ("imap", "smtp"):
-        assert isinstance(decide(reply, protocol, "oauthbearer", True), (AuthOk, AuthFail, AuthRetry, AuthError))
+        assert isinstance(decide(reply, protocol, "oauthbearer"), (AuthOk, AuthFail, AuthRetry, AuthError))
