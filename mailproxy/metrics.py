@@ -18,9 +18,13 @@ dict per login); an `inc()` on an mmap-backed value costs about a microsecond.
 Labels carry no user names and no addresses: protocol, method, result, direction only.
 """
 
+import errno
+import math
 import os
+import select
 import socket
 import threading
+import time
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 ENABLED = bool(os.environ.get(ENV))
@@ -158,8 +162,39 @@ def process_dead(pid):
         multiprocess.mark_process_dead(pid, os.environ[ENV])
 
 
+# Descriptors of the scrapes in progress (a reload may briefly run two endpoints). A worker forked
+# while one is open inherits it; this closes the copies in the child so workers hold no scraper's
+# socket. An entry leaves the set before its close in the master: a fork in between leaks a copy
+# (the master's shutdown still ends the connection), never closes a number the child reused.
+_held = set()
+
+
+def _close_held_in_child():
+    for fd in _held:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the interpreter's own fork cleanup may have closed it already
+    _held.clear()
+
+
+if ENABLED:
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+class _Scrape:
+    __slots__ = ("sock", "fd", "deadline", "request", "reply")
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.deadline = deadline
+        self.request = b""
+        self.reply = None  # a memoryview of what is left to send, once the request is complete
+
+
 class MetricsEndpoint:
-    """`GET /metrics` (any path) from a daemon thread of the master, one request at a time.
+    """`GET /metrics` (any path) from a daemon thread of the master.
 
     Hand-written HTTP/1.0 rather than wsgiref, on purpose: the master forks workers while this thread
     may be serving, and a child inherits any libc lock the thread held at that instant. With wsgiref a
@@ -167,12 +202,20 @@ class MetricsEndpoint:
     glibc's time-zone lock, inherited locked, would do exactly that. So this thread makes only syscalls,
     mmap reads and pure-Python formatting, and no call that takes a libc-internal lock.
 
+    One thread serves every scrape at once with non-blocking sockets and poll(): a client that sends
+    slowly must not hold up the next one (one that dripped a byte every 3 s once made every scrape fail
+    for as long as it stayed). Each connection has TIMEOUT from its accept for the whole exchange, read
+    and write; at most MAX_CONNECTIONS are held, and a new one beyond that displaces the oldest, so a
+    flood neither grows memory nor locks out a scraper that arrives during it.
+
     The socket is bound in the master's thread before any fork, so a bad address fails the start or the
     reload like a bad listen does; `fileno()` goes to the master's private fds so workers close it.
     """
 
     MAX_REQUEST = 8192
-    TIMEOUT = 5.0  # a scraper that stalls mid-request must not hold the endpoint
+    TIMEOUT = 5.0  # for a whole request and its answer, counted from accept
+    MAX_CONNECTIONS = 128
+    ACCEPT_PAUSE = 0.1  # after accept() failed for want of descriptors or memory: no busy loop meanwhile
 
     def __init__(self, family, sockaddr):
         self.registry = prometheus_client.CollectorRegistry()
@@ -182,9 +225,11 @@ class MetricsEndpoint:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind(sockaddr)
             self.sock.listen(64)
+            self.sock.setblocking(False)
         except OSError:
             self.sock.close()
             raise
+        self.stopping = False
         self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
 
     def fileno(self):
@@ -194,38 +239,116 @@ class MetricsEndpoint:
         self.thread.start()
 
     def close(self):
-        # shutdown() wakes the thread blocked in accept(); it returns on the error that follows.
+        # shutdown() makes poll() in the thread return (POLLHUP on the listening socket); the thread
+        # closes its connections and leaves. The socket is closed after the join so that its number
+        # cannot be reused under a poll() still watching it.
+        self.stopping = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
-            pass  # a listening socket may report "not connected"; the close below still stops it
+            pass  # a listening socket may report "not connected"; poll() still wakes
+        if self.thread.is_alive():
+            self.thread.join(self.TIMEOUT + 1)
         self.sock.close()
-        self.thread.join(self.TIMEOUT + 1)
 
     def _serve(self):
+        poller = select.poll()
+        listening = self.sock.fileno()
+        poller.register(listening, select.POLLIN)
+        scrapes = {}  # fd -> _Scrape, in accept order (oldest first)
+        paused_until = None
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                wake = [s.deadline for s in scrapes.values()]
+                if paused_until is not None:
+                    wake.append(paused_until)
+                timeout = None if not wake else max(0, math.ceil((min(wake) - now) * 1000))
+                events = poller.poll(timeout)
+                if self.stopping:
+                    return
+                now = time.monotonic()
+                for fd, mask in events:
+                    if fd == listening:
+                        if not self._accept(poller, scrapes, now):
+                            poller.unregister(listening)
+                            paused_until = now + self.ACCEPT_PAUSE
+                        continue
+                    scrape = scrapes.get(fd)
+                    if scrape is not None and not self._step(poller, scrape, mask):
+                        self._drop(poller, scrapes, scrape)
+                for scrape in [s for s in scrapes.values() if s.deadline <= now]:
+                    self._drop(poller, scrapes, scrape)
+                if paused_until is not None and paused_until <= now:
+                    paused_until = None
+                    poller.register(listening, select.POLLIN)
+        finally:
+            for scrape in list(scrapes.values()):
+                self._drop(poller, scrapes, scrape)
+
+    def _accept(self, poller, scrapes, now):
+        """Accept what is queued; False when accept() failed for want of descriptors or memory."""
         while True:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return  # closed by close()
-            with conn:
-                conn.settimeout(self.TIMEOUT)
-                try:
-                    self._answer(conn)
-                except OSError:
-                    continue  # the scraper went away or stalled; the next one is served as usual
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return True
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return False
+                return True  # EINVAL after close()'s shutdown: the loop sees `stopping`
+            conn.setblocking(False)
+            scrape = _Scrape(conn, now + self.TIMEOUT)
+            _held.add(scrape.fd)
+            if len(scrapes) >= self.MAX_CONNECTIONS:
+                self._drop(poller, scrapes, next(iter(scrapes.values())))
+            scrapes[scrape.fd] = scrape
+            poller.register(scrape.fd, select.POLLIN)
 
-    def _answer(self, conn):
-        request = b""
-        while b"\r\n\r\n" not in request and len(request) < self.MAX_REQUEST:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            request += chunk
+    def _step(self, poller, scrape, mask):
+        """Read or write what the socket allows now; False when the connection is finished."""
+        try:
+            if scrape.reply is None:
+                chunk = scrape.sock.recv(4096)
+                if not chunk:
+                    return False
+                scrape.request += chunk
+                if b"\r\n\r\n" not in scrape.request and len(scrape.request) < self.MAX_REQUEST:
+                    return True
+                scrape.reply = memoryview(self._reply(scrape.request))
+                scrape.request = b""
+                poller.modify(scrape.fd, select.POLLOUT)
+            # Also right after the request: the socket's buffer usually takes the whole answer at once.
+            sent = scrape.sock.send(scrape.reply, socket.MSG_NOSIGNAL)
+            scrape.reply = scrape.reply[sent:]
+            return len(scrape.reply) > 0
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False  # the scraper went away
+
+    def _reply(self, request):
         if not request.startswith((b"GET ", b"HEAD ")):
-            conn.sendall(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            return
-        body = prometheus_client.generate_latest(self.registry)
-        head = "HTTP/1.0 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
-            prometheus_client.CONTENT_TYPE_LATEST, len(body))
-        conn.sendall(head.encode("ascii") + (b"" if request.startswith(b"HEAD ") else body))
+            return b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        try:
+            body = prometheus_client.generate_latest(self.registry)
+        except Exception as exc:
+            # A damaged sample file must not end this thread and, with it, every later scrape.
+            body = ("cannot read the metrics: %s: %s\n" % (type(exc).__name__, exc)).encode("utf-8", "replace")
+            head = "HTTP/1.0 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        else:
+            head = "HTTP/1.0 200 OK\r\nContent-Type: %s\r\n" % prometheus_client.CONTENT_TYPE_LATEST
+        head += "Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        return head.encode("ascii") + (b"" if request.startswith(b"HEAD ") else body)
+
+    def _drop(self, poller, scrapes, scrape):
+        del scrapes[scrape.fd]
+        _held.discard(scrape.fd)
+        poller.unregister(scrape.fd)
+        try:
+            # shutdown() acts on the connection, not on this descriptor: the scraper sees the end even
+            # if a worker forked a moment ago still holds a copy.
+            scrape.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already reset by the peer
+        scrape.sock.close()
