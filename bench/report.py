@@ -197,7 +197,7 @@ def write(rows, warnings, plan, out, command, seconds, results_md):
 
 # Benchmarks that run apart from the harness keep their last result beside its table.
 _SEPARATE = (("Soak", "soak.md"), ("Certificates for 10,000 domains", "cert_domains.md"),
-             ("TLS relay beside nginx", "tls_relay.md"))
+             ("TLS relay beside nginx", "tls_relay.md"), ("mailproxy-auth per store", "auth_stores.md"))
 
 
 def _separate_sections():

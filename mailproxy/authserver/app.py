@@ -1,15 +1,21 @@
 """mailproxy-auth: an auth_http server for mailproxy and nginx, good enough to run in production.
 
-It answers nginx's auth_http protocol from a users file (see users.py): `Auth-Status: OK` with the
+It answers nginx's auth_http protocol from a store of users, the users file (users.py), an SQL database
+(sql.py: SQLite or PostgreSQL) or an LDAP directory (ldap.py), see stores.py: `Auth-Status: OK` with the
 backend's `Auth-Server`/`Auth-Port` (and `Auth-Pass` for APOP and CRAM-MD5, which need the clear text
 at the backend), or a failure text with `Auth-Wait` so the client may try again, until a client
 address, its IPv6 /64 or a login name has failed too often: then it answers without `Auth-Wait`,
 which makes the proxy close the session, and keeps doing so until the lock-out expires. A successful
 login clears the failures of that login only, never those of its address, so an attacker cannot reset
 the count by logging in to an account of their own between guesses. The users file is re-read when it
-changes on disk (checked at most once a second) or on SIGHUP; a broken file keeps the last good one.
+changes on disk (checked at most once a second); SIGHUP re-reads the configuration and opens the store
+anew (reconnects), and a broken one keeps the running store. A store that cannot answer (a database
+or directory down) gets a temporary failure with Auth-Wait, never OK. With --cache-ttl, answers are
+reused for that long, keyed by an HMAC of the request that holds no password (stores.AnswerCache).
 
-Usage: mailproxy-auth --users FILE [--listen 127.0.0.1:9000] [--max-failures 10] [--lockout 300]
+Usage: mailproxy-auth (--users FILE | --config FILE | --store sql|ldap -o KEY=VALUE...)
+                      [--cache-ttl SECONDS] [--cache-negative-ttl SECONDS]
+                      [--listen 127.0.0.1:9000] [--max-failures 10] [--lockout 300]
                       [--max-tracked 100000] [--wait 3] [--access-log FILE|-] [--redis redis://HOST:PORT/DB]
                       [--jwt-key FILE [--jwt-algorithms HS256] [--jwt-audience AUD] [--jwt-issuer ISS]]
                       [--introspection-url URL [--introspection-auth USER:PASS]] [--jwt-user-claim sub]
@@ -37,8 +43,11 @@ import sys
 import time
 import urllib.parse
 
-from mailproxy.authserver import tokens
-from mailproxy.authserver.users import Directory, UsersFileError, parse
+# Nothing imported here may import ssl: main() patches with gevent first, and anything that took ssl
+# before that keeps the unpatched one (and gevent warns). tokens (PyJWT, requests) and the store drivers
+# are imported after the patch.
+from mailproxy.authserver.stores import (
+    AnswerCache, StoreConfigError, StoreUnavailable, open_store, read_config, resolve)
 
 INVALID = "Invalid login or password"
 LOCKED = "Too many invalid logins, try again later"
@@ -193,45 +202,32 @@ class RedisFailureCounter:
             _warn("redis: %s" % exc)
 
 
-class UsersFile:
-    def __init__(self, path):
-        self.path = path
-        self.mtime = None
-        self.checked = 0.0
-        self.directory = self.load()
-
-    def load(self) -> Directory:
-        with open(self.path, encoding="utf-8") as source:
-            self.mtime = os.fstat(source.fileno()).st_mtime
-            return parse(source.read(), self.path)
-
-    def current(self) -> Directory:
-        now = time.monotonic()
-        if now - self.checked >= 1.0:
-            self.checked = now
-            try:
-                if os.stat(self.path).st_mtime != self.mtime:
-                    self.reload()
-            except OSError as exc:
-                _warn("cannot stat users file: %s" % exc)
-        return self.directory
-
-    def reload(self):
-        try:
-            self.directory = self.load()
-        except (OSError, UsersFileError) as exc:
-            _warn("users file not reloaded, keeping the previous one: %s" % exc)
-
-
 class AuthApp:
     """The WSGI application: one auth_http request in, one header block out."""
 
-    def __init__(self, users: UsersFile, failures: FailureCounter, wait: int, access_log=None, tokens=None):
+    def __init__(self, store, failures, wait: int, access_log=None, tokens=None, cache=None):
         self.tokens = tokens  # tokens.TokenChecker, or None: then a bearer token is checked as a password
-        self.users = users
+        self.store = store  # stores.Store; replaced whole on reload
         self.failures = failures
         self.wait = wait
         self.access_log = access_log
+        self.cache = cache if cache is not None and cache.enabled else None
+        self.generation = 0  # part of every cache key: a reload forgets the old store's answers
+        self.reloader = None  # () -> a new store, for SIGHUP
+
+    def reload(self):
+        """SIGHUP: the configuration read again and the store opened anew (a new connection pool), or,
+        when that fails, the running store kept."""
+        try:
+            store = self.reloader()
+        except (OSError, StoreConfigError, StoreUnavailable) as exc:
+            _warn("not reloaded, keeping the running store: %s" % exc)
+            return
+        old, self.store = self.store, store
+        self.generation += 1
+        if self.cache is not None:
+            self.cache.clear()
+        old.close()
 
     def __call__(self, environ, start_response):
         headers = self.answer(environ)
@@ -262,30 +258,71 @@ class AuthApp:
     def decide(self, login, password, method, protocol, client, salt):
         if self.failures.locked(client, login):
             return "locked", [("Auth-Status", LOCKED)]
-        directory = self.users.current()
-        if method in OAUTH_METHODS and self.tokens is not None:
-            return self.decide_token(login, password, protocol, client, directory)
-        if method == "none":
-            target = directory.backend(login, protocol)
-            if target is None:
-                return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
-            return "ok", _ok(target)
-        user = directory.authenticate(login, method, password, salt)
+        store = self.store
+        try:
+            if method in OAUTH_METHODS and self.tokens is not None:
+                return self.decide_token(login, password, protocol, client, store)
+            if method == "none":
+                return self.route(store, login, protocol, client)
+            return self.check(store, login, password, method, protocol, client, salt)
+        except StoreUnavailable as exc:
+            _warn(str(exc))
+            return "unavailable", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
+        except Exception:  # a driver's surprise: the client may try again, and is never let in by it
+            import traceback
+
+            _warn("internal error:\n" + traceback.format_exc())
+            return "error", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
+
+    def check(self, store, login, password, method, protocol, client, salt):
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(self.generation, method, protocol, client if store.uses_client else "", login,
+                                 salt, password)
+            cached = self.cache.get(key)
+            if cached is not None:
+                return self.checked(login, client, cached)
+        user = store.authenticate(login, method, password, salt, protocol, client)
         if user is None:
+            answer = None
+        else:
+            target = store.backend(login, protocol, client, user)
+            answer = "unrouted" if target is None else _ok(target) + list(user.headers)
+            if target is not None and method in ("apop", "cram-md5"):
+                answer.append(("Auth-Pass", user.clear_text))
+                key = None  # never cache a clear-text password
+        if key is not None and answer != "unrouted":
+            self.cache.put(key, answer or "invalid", positive=answer is not None)
+        return self.checked(login, client, answer or "invalid")
+
+    def checked(self, login, client, answer):
+        if answer == "invalid":
             if self.failures.failed(client, login):
                 return "locked", [("Auth-Status", LOCKED)]
             return "invalid", [("Auth-Status", INVALID), ("Auth-Wait", str(self.wait))]
-        target = directory.backend(login, protocol)
-        if target is None:
+        if answer == "unrouted":
             return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
         self.failures.succeeded(client, login)
+        return "ok", list(answer)
+
+    def route(self, store, login, protocol, client):
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(self.generation, "none", protocol, client if store.uses_client else "", login)
+            cached = self.cache.get(key)
+            if cached is not None:
+                return "ok", list(cached)
+        target = store.backend(login, protocol, client)
+        if target is None:
+            return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
         reply = _ok(target)
-        if method in ("apop", "cram-md5"):
-            reply.append(("Auth-Pass", user.clear_text))
+        if key is not None:
+            self.cache.put(key, reply, positive=True)
         return "ok", reply
 
+    def decide_token(self, login, token, protocol, client, store):
+        from mailproxy.authserver import tokens
 
-    def decide_token(self, login, token, protocol, client, directory):
         try:
             subject = self.tokens.user(token.decode("latin-1"))
             reason = None
@@ -294,9 +331,9 @@ class AuthApp:
             return "unavailable", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
         except tokens.TokenRefused as exc:
             subject, reason = None, str(exc)
-        user = directory.users.get(subject) if subject else None
+        user = store.find(subject, protocol, client) if subject else None
         if subject and user is None:
-            reason = "%r is not in the users file" % subject
+            reason = "%r is not in the %s" % (subject, store.label)
         elif user is not None and login and login.casefold() != subject.casefold():
             # The client named someone else (authzid / user=) than the token speaks for.
             reason = "token is for %r, not %r" % (subject, login)
@@ -305,7 +342,7 @@ class AuthApp:
                 return "locked", [("Auth-Status", LOCKED)]
             return "invalid token: %s" % reason, [
                 ("Auth-Status", INVALID_TOKEN), ("Auth-Wait", str(self.wait)), ("Auth-Error-SASL", BEARER_ERROR)]
-        target = directory.backend(subject, protocol)
+        target = store.backend(subject, protocol, client, user)
         if target is None:
             return "unrouted", [("Auth-Status", UNROUTED), ("Auth-Wait", str(self.wait))]
         self.failures.succeeded(client, subject)
@@ -318,7 +355,7 @@ class AuthApp:
 
 
 def _ok(target):
-    host, port = target
+    host, port = resolve(target)
     return [("Auth-Status", "OK"), ("Auth-Server", host), ("Auth-Port", str(port))]
 
 
@@ -341,8 +378,30 @@ def _warn(message):
 
 
 def main(argv=None):
+    # Before anything imports ssl (tokens: PyJWT and requests; psycopg; ldap3): patched late, ssl stays
+    # blocking in the modules that took it, and gevent warns.
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+    from gevent.pywsgi import WSGIServer
+
+    from mailproxy.authserver import tokens
+
     parser = argparse.ArgumentParser(prog="mailproxy-auth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", required=True, help="users file (see etc/users.example)")
+    stores = parser.add_argument_group("where the users are (see mailproxy/authserver/stores.py)")
+    stores.add_argument("--users", help="users file (see etc/users.example): the users store")
+    stores.add_argument("--config", metavar="FILE",
+                        help="INI file: [store] type = users|sql|ldap and its options, [cache] ttl, "
+                             "negative_ttl, size; re-read on SIGHUP")
+    stores.add_argument("--store", choices=("users", "sql", "ldap"), help="store type (overrides the file's)")
+    stores.add_argument("-o", "--store-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a store option, e.g. -o url=sqlite:////var/lib/mail/users.db "
+                             "-o password_query=...; overrides the file's")
+    stores.add_argument("--cache-ttl", type=float, metavar="SECONDS",
+                        help="seconds an OK answer is reused (default 0: no cache)")
+    stores.add_argument("--cache-negative-ttl", type=float, metavar="SECONDS",
+                        help="seconds an invalid-password answer is reused (default: --cache-ttl)")
     parser.add_argument("--listen", default="127.0.0.1:9000", help="address:port or unix:/path")
     parser.add_argument("--max-failures", type=int, default=10,
                         help="failures per client IP, per IPv6 /64 and per login before lock-out")
@@ -367,14 +426,32 @@ def main(argv=None):
     oauth.add_argument("--introspection-auth", help="USER:PASS for the introspection endpoint (HTTP Basic)")
     oauth.add_argument("--introspection-cache", type=float, default=60.0, help="seconds an answer is reused")
     args = parser.parse_args(argv)
-    from gevent import monkey
+    if not (args.users or args.config or args.store):
+        parser.error("where are the users? --users FILE, --config FILE or --store TYPE -o ...")
 
-    monkey.patch_all()
-    from gevent.pywsgi import WSGIServer
+    def options():
+        store, cache = read_config(args.config) if args.config else ({}, {})
+        if args.users:
+            store.update(type="users", path=args.users)
+        if args.store:
+            store["type"] = args.store
+        for option in args.store_option:
+            key, equals, value = option.partition("=")
+            if not equals:
+                raise StoreConfigError("-o %r: expected KEY=VALUE" % option)
+            store[key.strip()] = value
+        if args.cache_ttl is not None:
+            cache["ttl"] = args.cache_ttl
+        if args.cache_negative_ttl is not None:
+            cache["negative_ttl"] = args.cache_negative_ttl
+        return store, cache
 
     try:
-        users = UsersFile(args.users)
-    except (OSError, UsersFileError) as exc:
+        store_options, cache_options = options()
+        store = open_store(store_options)
+        cache = AnswerCache(cache_options.get("ttl", 0), cache_options.get("negative_ttl"),
+                            cache_options.get("size", 100000))
+    except (OSError, ValueError) as exc:
         sys.exit("mailproxy-auth: %s" % exc)
     access_log = sys.stdout if args.access_log == "-" else open(args.access_log, "a")
     try:
@@ -385,8 +462,12 @@ def main(argv=None):
         failures = RedisFailureCounter(args.redis, args.max_failures, args.lockout)
     else:
         failures = FailureCounter(args.max_failures, args.lockout, args.max_tracked)
-    app = AuthApp(users, failures, args.wait, access_log, checker)
-    signal.signal(signal.SIGHUP, lambda *_: users.reload())
+    app = AuthApp(store, failures, args.wait, access_log, checker, cache)
+    # The cache's TTLs are read at start only; SIGHUP re-reads the store's options and reconnects.
+    app.reloader = lambda: open_store(options()[0])
+    # In the loop, not in a Python signal handler: a reload does I/O (connects), which must not run
+    # in the middle of whatever greenlet the signal interrupted.
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(app.reload))
     if args.listen.startswith("unix:"):
         import gevent.socket
 
@@ -400,7 +481,7 @@ def main(argv=None):
         host, _, port = args.listen.rpartition(":")
         listener = (host.strip("[]") or "127.0.0.1", int(port))
     server = WSGIServer(listener, app, log=None, error_log=sys.stderr)
-    _warn("listening on %s" % args.listen)
+    _warn("listening on %s (%s)" % (args.listen, store.label))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

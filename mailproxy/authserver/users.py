@@ -3,6 +3,7 @@
 One entry a line, `#` starts a comment::
 
     backend  imap 127.0.0.1:1143 127.0.0.1:2143      # default backends, per protocol
+    backend  sieve 127.0.0.1:4190                     # imap, pop3, smtp and sieve (ManageSieve)
     domain   example.org  imap=10.0.0.5:143 pop3=10.0.0.5:110 smtp=10.0.0.6:25
     user     alice@example.com  {PLAIN}secret
     user     bob@example.com    {SHA512-CRYPT}$6$...   imap=127.0.0.1:3143
@@ -16,6 +17,9 @@ libcrypt. APOP and CRAM-MD5 need the clear text, so they work for `{PLAIN}` user
 An unknown login is checked against the stored hash of a user of the file's most common crypt scheme
 (and then refused whatever the result), so that it takes as long as a known user's wrong password and
 the time of the answer does not tell which users exist.
+
+The SQL and LDAP stores (stores.py) hand their rows to the same User and the same checks: a password
+is checked the same way whatever store it came from.
 """
 
 import collections
@@ -26,7 +30,7 @@ import hmac
 import zlib
 from dataclasses import dataclass, field
 
-PROTOCOLS = ("imap", "pop3", "smtp")
+PROTOCOLS = ("imap", "pop3", "smtp", "sieve")
 _CRYPT_SCHEMES = ("SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT", "CRYPT", "MD5-CRYPT")
 
 
@@ -40,6 +44,8 @@ class User:
     scheme: str
     secret: str
     backends: dict = field(default_factory=dict)
+    # Extra reply headers for an OK (a store's mapped columns or attributes, e.g. Auth-User).
+    headers: tuple = ()
 
     @property
     def clear_text(self):
@@ -47,6 +53,8 @@ class User:
 
     def check(self, method: str, password: bytes, salt: bytes) -> bool:
         """Check what the client proved: a password, or an APOP/CRAM-MD5 digest over the salt."""
+        if self.scheme == "UNUSABLE":
+            return False  # a store's password in a scheme this server cannot check, or none at all
         if method in ("apop", "cram-md5"):
             if self.clear_text is None:
                 return False
@@ -89,9 +97,14 @@ class Directory:
             choices = self.domains.get(domain, {}).get(protocol)
         if not choices:
             choices = self.defaults.get(protocol)
-        if not choices:
-            return None
-        return choices[zlib.crc32(login.lower().encode()) % len(choices)]
+        return choose(choices, login)
+
+
+def choose(choices, login):
+    """One of the addresses for this login, always the same one for the same login; None if none."""
+    if not choices:
+        return None
+    return choices[zlib.crc32(login.lower().encode()) % len(choices)]
 
 
 def parse(text: str, source: str = "users file") -> Directory:
@@ -105,33 +118,38 @@ def parse(text: str, source: str = "users file") -> Directory:
         if kind == "backend" and len(words) >= 3 and words[1] in PROTOCOLS:
             defaults.setdefault(words[1], []).extend(_address(word, where) for word in words[2:])
         elif kind == "domain" and len(words) >= 3:
-            domains[words[1].lower()] = _routes(words[2:], where)
+            domains[words[1].lower()] = parse_routes(words[2:], where)
         elif kind == "user" and len(words) >= 3:
-            scheme, secret = _password(words[2], where)
-            users[words[1]] = User(words[1], scheme, secret, _routes(words[3:], where))
+            scheme, secret = parse_password(words[2], where)
+            users[words[1]] = User(words[1], scheme, secret, parse_routes(words[3:], where))
         else:
             raise UsersFileError("invalid line in %s: %r" % (where, raw.strip()))
-    return Directory(users, domains, defaults, _decoy(users))
+    return Directory(users, domains, defaults, decoy_among(users.values()))
 
 
-def _decoy(users):
+def decoy_among(users):
     # A real user's hash, not a made-up one: the same scheme with the same cost (rounds, bcrypt's log2
     # cost) is what makes an unknown login as slow as a known one.
-    hashed = [user for user in users.values() if user.scheme in _CRYPT_SCHEMES]
+    hashed = [user for user in users if user.scheme in _CRYPT_SCHEMES]
     if not hashed:
         return None
     scheme = collections.Counter(user.scheme for user in hashed).most_common(1)[0][0]
     return next(user for user in hashed if user.scheme == scheme)
 
 
-def _routes(words, where):
+def parse_routes(words, where):
     routes = {}
     for word in words:
         protocol, equals, addresses = word.partition("=")
         if not equals or protocol not in PROTOCOLS:
             raise UsersFileError("invalid backend %r in %s (expected imap=IP:PORT[,IP:PORT])" % (word, where))
-        routes[protocol] = [_address(address, where) for address in addresses.split(",")]
+        routes[protocol] = parse_addresses(addresses, where)
     return routes
+
+
+def parse_addresses(text, where):
+    """"IP:PORT[,IP:PORT...]" as a list of (host, port)."""
+    return [_address(address, where) for address in text.split(",")]
 
 
 def _address(text, where):
@@ -142,7 +160,11 @@ def _address(text, where):
     return host, int(port)
 
 
-def _password(text, where):
+def parse_password(text, where, default_scheme=None):
+    """(SCHEME, secret) of a stored password; one without a {SCHEME} prefix is in `default_scheme`
+    (Dovecot's default_pass_scheme) when the store has one."""
+    if (not text.startswith("{") or "}" not in text) and default_scheme:
+        text = "{%s}%s" % (default_scheme, text)
     if not text.startswith("{") or "}" not in text:
         raise UsersFileError("password in %s must start with a scheme such as {PLAIN}" % where)
     scheme, _, secret = text[1:].partition("}")
