@@ -1,4 +1,4 @@
-"""Build mailproxy and its Cython relay (mailproxy/_splice.pyx)."""
+"""Build mailproxy, its Cython relay (mailproxy/_splice.pyx) and its OpenSSL bridge (mailproxy/_openssl.pyx)."""
 
 import sys
 
@@ -18,8 +18,8 @@ class build_ext_loud(build_ext):
             super().run()
         except Exception as exc:  # distutils raises several unrelated types here
             sys.exit(
-                "mailproxy: cannot build mailproxy/_splice.pyx (%s); install a C compiler and the "
-                "Python headers (Debian: apt-get install gcc python3-dev)" % exc
+                "mailproxy: cannot build mailproxy's extensions (%s); install a C compiler, the "
+                "Python and the OpenSSL headers (Debian: apt-get install gcc python3-dev libssl-dev)" % exc
             )
 
     def build_extension(self, ext):
@@ -27,16 +27,21 @@ class build_ext_loud(build_ext):
             super().build_extension(ext)
         except Exception as exc:
             sys.exit(
-                "mailproxy: cannot compile %s (%s); install a C compiler and the Python headers "
-                "(Debian: apt-get install gcc python3-dev)" % (ext.name, exc)
+                "mailproxy: cannot compile %s (%s); install a C compiler, the Python and the OpenSSL "
+                "headers (Debian: apt-get install gcc python3-dev libssl-dev)" % (ext.name, exc)
             )
 
 
 def extensions():
     from Cython.Build import cythonize
+    from setuptools import Extension
 
     return cythonize(
-        ["mailproxy/_splice.pyx"],
+        [
+            Extension("mailproxy._splice", ["mailproxy/_splice.pyx"]),
+            # Linked with the system libssl, the one CPython's _ssl uses: both must see one SSL_CTX.
+            Extension("mailproxy._openssl", ["mailproxy/_openssl.pyx"], libraries=["ssl", "crypto"]),
+        ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )
 
@@ -54,10 +59,18 @@ setup(
     install_requires=["gevent>=22", "requests", "setproctitle", "dnspython>=2.3", "PyJWT>=2.6",
                       # metrics_listen: multiprocess-safe counters and the Prometheus text format
                       "prometheus_client>=0.17"],
-    extras_require={"test": ["pytest", "hypothesis", "trustme", "dnspython", "cryptography", "sievelib", "redis"],
+    extras_require={"test": ["pytest", "hypothesis", "trustme", "dnspython", "cryptography", "sievelib", "redis",
+                             # tests/authstores: mailproxy-auth on PostgreSQL and LDAP
+                             "psycopg[binary]>=3.1", "psycopg-pool>=3.2", "ldap3>=2.9"],
                     "oauth": ["cryptography"],
-                    # mailproxy-auth --redis only: the proxy itself never talks to Redis
-                    "auth": ["redis>=4.2"], "bench": ["matplotlib", "geventhttpclient"]},
+                    # mailproxy-auth only, the proxy itself never talks to them: --redis; the PostgreSQL
+                    # store (psycopg 3 and its pool: gevent-aware waiting, server-side parameter binding;
+                    # [binary] brings libpq); the LDAP store (ldap3: pure Python, so gevent-cooperative,
+                    # and RFC 4515 escaping). SQLite is the standard library's.
+                    "auth": ["redis>=4.2", "psycopg[binary]>=3.1", "psycopg-pool>=3.2", "ldap3>=2.9"],
+                    "bench": ["matplotlib", "geventhttpclient"]},
+    # Where pip puts data files: <prefix>/share/man/man8, on man's path for /usr and /usr/local.
+    data_files=[("share/man/man8", ["man/mailproxy-master.8", "man/mailproxy-auth.8"])],
     entry_points={
         "console_scripts": [
             "mailproxy-master=mailproxy.cli:main",

@@ -136,6 +136,10 @@ def apply_options(sock, listen):
         if listen.family != socket.AF_UNIX:
             what = "setsockopt(SO_KEEPALIVE)"
             _keepalive(sock, listen.so_keepalive)
+            # Accepted sockets inherit it on Linux: no reply waits for the client's delayed ACK (41 ms
+            # for the greeting after a TLS handshake); nginx's tcp_nodelay, at no cost per connection.
+            what = "setsockopt(TCP_NODELAY)"
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         what = "listen() to %s, backlog %d" % (listen.text, listen.backlog)
         sock.listen(listen.backlog)
     except OSError as exc:

@@ -18,6 +18,8 @@ import ssl
 
 from gevent import socket
 
+from mailproxy.tls import ssl_error_text
+
 _GeventSocket = socket.socket
 
 
@@ -54,15 +56,6 @@ def failed_call(call: str, exc: OSError) -> str:
     reason under SSL_read/SSL_write (an SSLError's errno is OpenSSL's error class, not an errno: strerror
     would turn SSL_ERROR_SSL into "Operation not permitted")."""
     if isinstance(exc, ssl.SSLError):
-        return "SSL_%s() failed (SSL: %s)" % ("read" if call == "recv" else "write", ssl_reason(exc))
+        return "SSL_%s() failed (SSL: %s)" % ("read" if call == "recv" else "write", ssl_error_text(exc))
     code = exc.errno or 0
     return "%s() failed (%d: %s)" % (call, code, os.strerror(code))
-
-
-def ssl_reason(exc: ssl.SSLError) -> str:
-    """OpenSSL's reason as nginx shows it, without Python's "[SSL: NAME]" prefix and "(_ssl.c:N)" tail."""
-    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
-    if text.startswith("["):
-        text = text.partition("] ")[2] or text
-    cut = text.rfind(" (_ssl.c:")
-    return text[:cut] if cut > 0 else text

@@ -6,24 +6,34 @@ for `-t`) before any worker is forked, so:
 * a bad certificate, key or CA file fails `-t` and start with nginx's `cannot load certificate ...`
   wording, and a reload with one keeps the old configuration;
 * key files are read as root, before workers drop to `user`;
-* session tickets resume across workers. Python's ssl cannot install ticket keys, but OpenSSL makes a
-  context's ticket keys when the context is created; every worker forked from the master holds a copy of
-  the same context, hence the same keys, so a ticket issued by one worker is accepted by all the others.
-  The keys change at each reload (new contexts), as nginx's do without `ssl_session_ticket_key`.
+* session tickets resume across workers: without `ssl_session_ticket_key`, OpenSSL makes a context's
+  ticket keys when the context is created, and every worker forked from the master holds a copy of the
+  same context, hence the same keys. They change at each reload (new contexts); nginx's change too
+  unless a shared cache holds them;
+* a shared session cache is mapped before the fork, so that every worker sees one.
 
-What Python's ssl module cannot do, and what happens instead (never silently):
+nginx's semantics come from OpenSSL itself, through mailproxy/_openssl.pyx (the bridge): it reaches the
+SSL_CTX behind each context and the SSL behind each socket, after checking on live objects that CPython
+and mailproxy use one libssl and the object layout it expects. With the bridge:
 
-* `ssl_session_ticket_key`, `ssl_conf_command`, `ssl_certificate_compression on`, a list of curves in
-  `ssl_ecdh_curve`, `ssl_verify_client optional_no_ca`, an `ssl_session_timeout` other than OpenSSL's
-  300 s, and `engine:`/`store:` keys fail the configuration test with a message naming the directive.
-* A client certificate that does not verify ends the handshake with an alert (OpenSSL checks it while
-  handshaking; Python offers no hook that lets the handshake finish), so the `SSL certificate error`
-  reply of spec 2.0.9 is sent only for the case checked afterwards: `ssl_verify_depth 1` and a
-  certificate not issued directly by a trusted CA.
-* `ssl_session_cache`: sessions are kept in each worker's OpenSSL cache, whatever the directive says;
-  resumption across workers comes from tickets (above). The session id context is CPython's, not "MAIL".
-* ALPN: the server's protocol name is offered and selected when the client lists it; a client whose list
-  lacks it is served without ALPN instead of being refused (CPython's selection callback does not fail).
+* `ssl_session_cache off|none|builtin[:size]|shared:name:size` and `ssl_session_timeout` are set as
+  nginx's ngx_ssl_session_cache() sets them; `none` claims a cache and stores nothing. A shared cache is
+  memory mapped in the master before the workers are forked and kept across reloads while its name and
+  size stay, so every worker of the master resumes every session (see SharedZone for its sizing).
+* `ssl_session_ticket_key` installs nginx's 48- and 80-byte keys (the first encrypts, all decrypt), so
+  tickets survive restarts and resume on every node sharing the files.
+* `ssl_verify_client` lets the handshake finish whatever the verification says and reads the result
+  afterwards, as nginx does: a refused certificate gets the protocol's `SSL certificate error` reply,
+  `optional_no_ca` passes certificates from unknown CAs on, `Auth-SSL-Verify` carries `FAILED:reason`.
+* `ssl_ecdh_curve` takes OpenSSL's groups lists, `ssl_conf_command` runs SSL_CONF_cmd() after every
+  other directive (as nginx orders them), ALPN refuses a client that lists only other protocols.
+* Sessions are marked shut down when their SSL is freed, so a connection closed without close_notify
+  stays resumable, as with nginx.
+
+When a check fails (or MAILPROXY_OPENSSL_BRIDGE=off), only Python's ssl module is used: the directives
+that need the bridge are refused at `-t` with the reason, ALPN lets a client without the protocol's name
+through, sessions are cached per worker whatever `ssl_session_cache` says, and a client certificate that
+does not verify ends the handshake with an alert. `mailproxy-master -V` says which case holds.
 """
 
 import hashlib
@@ -35,6 +45,34 @@ from typing import Optional
 
 from mailproxy import tls_by_name
 from mailproxy.conf.lexer import ConfigError
+
+
+def _load_bridge():
+    """(the _openssl module, None) when it may be used, else (None, why not)."""
+    if os.environ.get("MAILPROXY_OPENSSL_BRIDGE", "").lower() == "off":
+        return None, "MAILPROXY_OPENSSL_BRIDGE=off is set"
+    try:
+        from mailproxy import _openssl
+    except ImportError as exc:
+        return None, "mailproxy._openssl is not built (%s)" % exc
+    reason = _openssl.problem()
+    return (None, reason) if reason else (_openssl, None)
+
+
+bridge, bridge_off_reason = _load_bridge()
+
+# X509_V_ERR_* codes ssl_verify_client optional_no_ca lets through (nginx's ngx_ssl_verify_error_optional).
+_NO_CA_ERRORS = frozenset({
+    2,   # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+    18,  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+    19,  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+    20,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21,  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+})
+
+# shared:name:size session caches: name -> SharedZone, kept by the master across reloads.
+_zones = {}
+_zones_used = set()
 
 _VERSIONS = {
     "SSLv3": ssl.TLSVersion.SSLv3,
@@ -157,9 +195,12 @@ def load_error(sock):
 def prepare(config):
     """Build the context of every server that uses TLS; raise ConfigError as `-t` should report it."""
     fresh = {}
+    _zones_used.clear()
     for server in config.servers:
         if server.uses_tls:
             fresh[id(server)] = (server, build_context(server))
+    for name in set(_zones) - _zones_used:
+        del _zones[name]  # workers already forked keep their own mapping of it
     # Backend-side contexts are made at the same moment, for the same reasons (mailproxy/upstream_tls.py).
     from mailproxy import upstream_tls
 
@@ -211,21 +252,27 @@ def build_context(server, pairs=None) -> ssl.SSLContext:
         ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE  # CPython sets it by default; nginx does not
     if not server.ssl_session_tickets:
         ctx.options |= ssl.OP_NO_TICKET
-    if server.ssl_ecdh_curve != "auto":
-        try:
-            ctx.set_ecdh_curve(server.ssl_ecdh_curve)
-        except (ValueError, ssl.SSLError) as exc:
-            raise ConfigError('SSL_CTX_set1_curves_list("%s") failed (%s): Python\'s ssl module sets one '
-                              'named EC curve only' % (server.ssl_ecdh_curve, exc))
+    _set_curves(ctx, server.ssl_ecdh_curve)
     if server.ssl_dhparam:
         try:
             ctx.load_dh_params(server.ssl_dhparam)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError('PEM_read_bio_DHparams("%s") failed (%s)' % (server.ssl_dhparam, _any_text(exc)))
     static, by_name = tls_by_name.split_pairs(server)
-    _load_certificates(ctx, server, static if pairs is None else pairs)
+    loaded = static if pairs is None else pairs
+    _load_certificates(ctx, server, loaded)
     _load_client_verification(ctx, server)
-    ctx.set_alpn_protocols([server.protocol])
+    if bridge is not None:
+        bridge.alpn(ctx, server.protocol)
+        _set_sessions(ctx, server, loaded)
+        if server.ssl_conf_command:
+            # Last, as nginx applies them: a command overrides what the directives above set.
+            try:
+                bridge.conf_commands(ctx, server.ssl_conf_command)
+            except bridge.BridgeError as exc:
+                raise ConfigError(str(exc))
+    else:
+        ctx.set_alpn_protocols([_ALPN_NAMES.get(server.protocol, server.protocol)])
     if pairs is not None:
         ctx.mailproxy_server = server
     elif by_name:
@@ -238,26 +285,119 @@ def build_context(server, pairs=None) -> ssl.SSLContext:
     return ctx
 
 
+# The ALPN protocol IDs (IANA registry) of the protocols mailproxy serves.
+_ALPN_NAMES = {"imap": "imap", "pop3": "pop3", "smtp": "smtp", "sieve": "managesieve"}
+
+
+def _set_curves(ctx, curves):
+    if curves == "auto":
+        return  # OpenSSL's own list, as nginx leaves it
+    if bridge is not None:
+        try:
+            bridge.groups(ctx, curves)
+        except bridge.BridgeError as exc:
+            raise ConfigError(str(exc))
+        return
+    try:
+        ctx.set_ecdh_curve(curves)
+    except (ValueError, ssl.SSLError) as exc:
+        raise ConfigError('SSL_CTX_set1_curves_list("%s") failed (%s): without mailproxy\'s OpenSSL bridge '
+                          '(%s) one named curve only can be set' % (curves, exc, bridge_off_reason))
+
+
+def _set_sessions(ctx, server, pairs):
+    """ssl_session_cache, ssl_session_timeout, ssl_session_ticket_key and the session id context."""
+    cache = server.ssl_session_cache
+    if cache in ("off", "none"):
+        bridge.session_cache(ctx, cache, timeout=server.ssl_session_timeout)
+    else:
+        builtin, zone = None, None
+        for entry in cache:
+            if entry[0] == "builtin":
+                builtin = entry[1] or 0
+            else:
+                zone = _shared_zone(entry[1], entry[2])
+        bridge.session_cache(ctx, "cache", builtin, zone, timeout=server.ssl_session_timeout)
+        ctx.mailproxy_zone = zone  # the SSL_CTX points into it: it must live as long as the context
+    bridge.session_id_context(ctx, _session_id_context(server, pairs))
+    keys = [_read_ticket_key(path) for path in server.ssl_session_ticket_key]
+    if keys:
+        bridge.ticket_keys(ctx, keys)
+
+
+def _shared_zone(name, size):
+    """The zone named ``name``: the one the master already has when its size is unchanged (nginx keeps
+    a zone's contents across reloads the same way), else a new one."""
+    zone = _zones.get(name)
+    if zone is None or zone.size != size:
+        if name in _zones_used:
+            raise ConfigError('the size %d of shared memory zone "%s" conflicts with already declared size %d'
+                              % (size, name, zone.size))
+        zone = _zones[name] = bridge.SharedZone(size)
+    _zones_used.add(name)
+    return zone
+
+
+def _session_id_context(server, pairs):
+    """Sessions resume only on a context with the same certificates, CAs and verification, as nginx's
+    ngx_ssl_session_id_context() ensures (several servers may share an address: SniGroup). Contents,
+    not file names, so that nodes sharing ticket keys resume each other's sessions."""
+    digest = hashlib.sha1(b"MAIL")
+    digest.update(server.protocol.encode())
+    digest.update(("%s:%d" % (server.ssl_verify_client, server.ssl_verify_depth)).encode())
+    names = [cert for cert, _ in pairs]
+    if server.ssl_verify_client != "off":
+        names += [server.ssl_client_certificate, server.ssl_trusted_certificate, server.ssl_crl]
+    for name in names:
+        if not name:
+            digest.update(b"-")
+        elif name.startswith("data:"):
+            digest.update(name.encode())
+        else:
+            try:
+                with open(name, "rb") as f:
+                    digest.update(f.read())
+            except OSError:
+                digest.update(name.encode())  # loading it failed already, with nginx's message
+    return digest.digest()
+
+
+def _read_ticket_key(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read(81)
+    except OSError as exc:
+        raise ConfigError('open() "%s" failed (%d: %s)' % (path, exc.errno or 0, exc.strerror))
+    if len(data) not in (48, 80):
+        raise ConfigError('"%s" must be 80 or 48 bytes' % path)
+    return data
+
+
 def _refuse_unsupported(server):
     def refuse(directive, why):
         raise ConfigError('"%s" is not supported by mailproxy: %s' % (directive, why))
 
-    if server.ssl_session_ticket_key:
-        refuse("ssl_session_ticket_key", "Python's ssl module cannot install ticket keys (workers of one "
-               "master share the keys OpenSSL made at start or reload)")
-    if server.ssl_conf_command:
-        refuse("ssl_conf_command", 'Python\'s ssl module has no SSL_CONF_cmd() for "%s"'
-               % server.ssl_conf_command[0][0])
     if server.ssl_certificate_compression:
-        refuse("ssl_certificate_compression", "the OpenSSL build Python uses cannot compress certificates")
-    if server.ssl_verify_client == "optional_no_ca":
-        refuse("ssl_verify_client optional_no_ca", "Python's ssl module cannot accept a certificate that "
-               "fails verification")
-    if server.ssl_session_timeout != 300.0:
-        refuse("ssl_session_timeout", "Python's ssl module keeps OpenSSL's 300 seconds")
+        if ssl.OPENSSL_VERSION_INFO < (3, 2):
+            refuse("ssl_certificate_compression", "%s cannot compress certificates (3.2 or later can)"
+                   % ssl.OPENSSL_VERSION)
+        refuse("ssl_certificate_compression", "mailproxy does not set certificate compression yet")
     for key in server.ssl_certificate_key:
         if key.startswith(("engine:", "store:")):
             refuse("ssl_certificate_key", 'keys from "%s" need an OpenSSL engine or store' % key)
+    if bridge is not None:
+        return
+    why = "it needs mailproxy's OpenSSL bridge, which is off: %s" % bridge_off_reason
+    if server.ssl_session_ticket_key:
+        refuse("ssl_session_ticket_key", why)
+    if server.ssl_conf_command:
+        refuse("ssl_conf_command", why)
+    if server.ssl_verify_client == "optional_no_ca":
+        refuse("ssl_verify_client optional_no_ca", why)
+    if server.ssl_session_timeout != 300.0:
+        refuse("ssl_session_timeout", why)
+    if server.ssl_ecdh_curve != "auto" and ":" in server.ssl_ecdh_curve:
+        refuse("ssl_ecdh_curve", why)
 
 
 def _set_protocols(ctx, names):
@@ -360,7 +500,8 @@ def _load_client_verification(ctx, server):
         path = getattr(server, directive)
         if path:
             try:
-                ctx.load_verify_locations(cafile=path)
+                with _readable(path) as readable:
+                    ctx.load_verify_locations(cafile=readable)
             except OSError as exc:
                 raise ConfigError('cannot load "%s" file "%s": %s' % (directive, path, _load_failure(exc)))
     if server.ssl_crl:
@@ -369,9 +510,16 @@ def _load_client_verification(ctx, server):
         except OSError as exc:
             raise ConfigError('X509_LOOKUP_load_file("%s") failed (%s)' % (server.ssl_crl, _any_text(exc)))
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+    if bridge is not None:
+        try:
+            with _readable(server.ssl_client_certificate or "") as client_ca:
+                bridge.verify_client(ctx, server.ssl_verify_depth, client_ca or None)
+        except bridge.BridgeError as exc:
+            raise ConfigError(str(exc))
 
 
 def ssl_error_text(exc):
+    """OpenSSL's reason as nginx shows it, without Python's "[SSL: NAME]" prefix and "(_ssl.c:N)" tail."""
     text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
     if text.startswith("["):
         text = text.partition("] ")[2] or text
@@ -410,23 +558,39 @@ class Verdict:
 
 
 def client_verdict(sock, server) -> Verdict:
+    """After each handshake: the client-certificate check of spec 2.0.9, in nginx's order (the
+    verification's result, then the certificate `on` requires)."""
+    if bridge is not None:
+        bridge.keep_session(sock)
     mode = server.ssl_verify_client
     if mode == "off":
         return Verdict(True)
-    der = sock.getpeercert(binary_form=True)
-    if der is None:
-        if mode == "on":
-            return Verdict(False, "no_cert", "client sent no required SSL certificate")
-        return Verdict(True)
-    error = _depth_error(sock, server)
-    if error is not None:
+    error = _verify_error(sock, server)
+    if error is not None and not (mode == "optional_no_ca" and error[0] in _NO_CA_ERRORS):
+        _forget_session(sock)
         return Verdict(False, "cert_error", "client SSL certificate verify error: (%d:%s)" % error)
+    if mode == "on" and sock.getpeercert(binary_form=True) is None:
+        _forget_session(sock)
+        return Verdict(False, "no_cert", "client sent no required SSL certificate")
     return Verdict(True)
 
 
-def _depth_error(sock, server):
-    # OpenSSL verified the chain with its own depth limit; ssl_verify_depth 1 (the default) also demands
-    # that the certificate be issued by a trusted CA itself, which the issuer name tells.
+def _forget_session(sock):
+    # A refused client must not resume its way past the check (nginx's ngx_ssl_remove_cached_session).
+    if bridge is not None:
+        bridge.remove_session(sock)
+
+
+def _verify_error(sock, server):
+    """(X509_V_ERR code, OpenSSL's text) of the client certificate's verification, or None."""
+    if sock.getpeercert(binary_form=True) is None:
+        return None
+    if bridge is not None:
+        code, text = bridge.verify_result(sock)
+        return None if code == 0 else (code, text)
+    # Without the bridge OpenSSL verified the chain with its own depth limit (a failure was an alert);
+    # ssl_verify_depth 1 (the default) also demands that the certificate be issued by a trusted CA
+    # itself, which the issuer name tells.
     if server.ssl_verify_depth != 1:
         return None
     issuer = sock.getpeercert().get("issuer")
@@ -443,7 +607,7 @@ def session_info(sock, server) -> SslInfo:
         if der is None:
             verify = "NONE"
         else:
-            error = _depth_error(sock, server)
+            error = _verify_error(sock, server)
             verify = "SUCCESS" if error is None else "FAILED:" + error[1]
             decoded = sock.getpeercert()
             fields = dict(

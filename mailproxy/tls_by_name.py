@@ -12,7 +12,8 @@ Why it is built this way:
   thousands of domains, and a master that loaded them all would make every start and reload as slow as
   the slowest disk. Each worker keeps the contexts it made in a bounded LRU cache (oldest out first).
 * Each use stats the files (a few microseconds next to a handshake's signatures): a certificate renewed
-  in place or by rename (new mtime, size or inode) is picked up at the next handshake, with no reload.
+  in place or by rename (new mtime, size or inode), or made readable (new mode or owner), is picked up
+  at the next handshake, with no reload.
   A file that fails to load is remembered with its stamps too, so a client cannot make a worker parse a
   broken file on every handshake; a missing file costs one failed stat.
 * Only a host name (RFC 1123 letters, digits, hyphens, dots; 253 bytes at most; lower-cased, a final dot
@@ -22,8 +23,9 @@ Why it is built this way:
   reported (the session logs it) when it is first tried, not at every handshake.
 
 What it costs: the keys are read by the worker, so they must be readable by the `user` workers run as;
-contexts made in a worker have that worker's session-ticket keys, so resumption of such sessions works
-within one worker only (the default certificate's tickets still work across workers, see tls.py).
+contexts made in a worker have that worker's session-ticket keys unless `ssl_session_ticket_key` names
+files, so without it resumption of such sessions works within one worker only (the default
+certificate's tickets still work across workers, see tls.py).
 """
 
 import collections
@@ -74,7 +76,9 @@ def _fill(template: str, name: str) -> str:
 
 def _stamp(path: str):
     info = os.stat(path)
-    return (info.st_mtime_ns, info.st_size, info.st_ino)
+    # Mode and owner too: a key unreadable by the worker (0600) is tried again after a chmod or chown,
+    # which leave the mtime alone.
+    return (info.st_mtime_ns, info.st_size, info.st_ino, info.st_mode, info.st_uid, info.st_gid)
 
 
 class CertificatesByName:

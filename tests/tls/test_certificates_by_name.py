@@ -194,3 +194,33 @@ def test_a_default_is_required(certs, tmp_path):
                     % (free_port(), certs.root, certs.root))
     with pytest.raises(ConfigError, match="needs one without variables"):
         tls.build_context(load_config(str(conf), str(tmp_path)).servers[0])
+
+
+def test_failed_file_tried_again_after_chmod(tmp_path):
+    # A key the worker user cannot read (mode 0600, owned by root) fails to load; a chmod alone, which
+    # leaves mtime, size and inode as they were, must make the next handshake try it again. The tests
+    # run as root, who reads anything: the build below refuses a key others cannot read instead.
+    from mailproxy.conf.lexer import ConfigError
+
+    tried = []
+
+    def build(paths):
+        key = paths[0][1]
+        tried.append(key)
+        if not os.stat(key).st_mode & 0o004:
+            raise ConfigError('cannot load certificate key "%s": (13: Permission denied)' % key)
+        return object()
+
+    (tmp_path / "n.test.pem").write_text("x")
+    key = tmp_path / "n.test.key"
+    key.write_text("k")
+    os.chmod(key, 0o600)
+    stamp = os.stat(key)
+    by_name = tls_by_name.CertificatesByName(((str(tmp_path / "$ssl_server_name.pem"),
+                                               str(tmp_path / "$ssl_server_name.key")),), build)
+    reports = []
+    assert by_name.context("n.test", reports.append) is None and len(tried) == 1 and len(reports) == 1
+    assert by_name.context("n.test", reports.append) is None and len(tried) == 1  # unchanged: not parsed again
+    os.chmod(key, 0o644)
+    os.utime(key, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert by_name.context("n.test") is not None and len(tried) == 2
