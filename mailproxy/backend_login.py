@@ -46,12 +46,16 @@ class BackendLogin:
     After ``run``, returned or raised, ``sock`` is the backend socket (None when the connect or a
     TLS handshake failed; the session closes it with the client, after the client's last reply)
     and ``action`` the `while` text the login reached.
+
+    ``debug(text)``, given when the session's error_log is at debug, writes its debug lines: connect,
+    every read and send by size (a send carries the password: never its bytes), each login phase.
     """
 
     __slots__ = ("server", "client_sock", "client_ip", "client_port", "client_host", "log", "metrics",
-                 "action", "sock", "tls", "deadline")
+                 "action", "sock", "tls", "deadline", "debug")
 
-    def __init__(self, server, client_sock, client_ip, client_port, client_host, log, metrics):
+    def __init__(self, server, client_sock, client_ip, client_port, client_host, log, metrics, debug=None):
+        self.debug = debug
         self.server = server
         self.client_sock = client_sock
         self.client_ip = client_ip
@@ -78,6 +82,8 @@ class BackendLogin:
         except OSError as exc:
             self.fail("error", "connect() to %s failed (%s)" % (ok.upstream_text, _error_text(exc)))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.debug:
+            self.debug("connect to %s, fd:%d" % (ok.upstream_text, self.sock.fileno()))
         connected_at = time.monotonic()
         self.metrics.connect_seconds.observe(connected_at - began)
         if server.proxy_protocol != "off":
@@ -99,16 +105,22 @@ class BackendLogin:
                 self.timed_out()
             except OSError as exc:
                 self.fail("error", "recv() failed (%s)" % _error_text(exc))
+            if self.debug:
+                self.debug("mail proxy recv: fd:%d %d of %d" % (self.sock.fileno(), len(data), _READ_SIZE))
             for action in machine.receive_data(data):
                 if isinstance(action, Send):
                     self.send(action.data)
                 elif isinstance(action, LogPhase):
                     self.action = action.action
+                    if self.debug:
+                        self.debug("mail proxy " + action.action)
                 elif isinstance(action, StartTLS):
                     self.handshake(ok)
                 elif isinstance(action, Failed):
                     self.fail(action.level, action.log_message, action.client_reply)
                 elif isinstance(action, LoggedIn):
+                    if self.debug:
+                        self.debug("mail proxy logged in to %s" % ok.upstream_text)
                     self.metrics.login_seconds.observe(time.monotonic() - connected_at)
                     if self.tls:
                         upstream_tls.remember(server, self.sock, ok.addr, ok.port)
@@ -124,6 +136,8 @@ class BackendLogin:
             sock.close()
             self.fail(exc.level, exc.message)
         self.tls = True
+        if self.debug:
+            self.debug("upstream SSL handshake done: %s" % self.sock.version())
         if self.sock.session_reused:
             self.log(self.action, "debug", "upstream SSL session reused")
         self.action = action
@@ -182,6 +196,8 @@ class BackendLogin:
             self.timed_out()
         except OSError as exc:
             self.fail("error", "send() failed (%s)" % _error_text(exc))
+        if self.debug:
+            self.debug("mail proxy send: fd:%d %d bytes" % (self.sock.fileno(), len(data)))
 
     def timed_out(self):
         self.log(self.action, "info", "upstream timed out (110: Connection timed out)")

@@ -1,9 +1,5 @@
 """mailproxy-master: start the proxy, or signal the running master, as nginx's command line does.
 
-    mailproxy-master [-c file] [-p prefix] [-g directives] [-w seconds] [start|stop|quit|reload|reopen|status]
-    mailproxy-master -s stop|quit|reload|reopen      same as the command
-    mailproxy-master -t | -T | -v | -V
-
 Every failure is one line on stderr (`mailproxy: [emerg] ...`) and a non-zero exit status.
 """
 
@@ -17,14 +13,44 @@ import sys
 import mailproxy
 from mailproxy import listeners as listen_mod
 from mailproxy import log as errorlog
-from mailproxy.master import SIGNALS, Master, command_line, log_paths, write_pid_file
+from mailproxy.master import SIGNALS, Master, command_line, inherited_sockets, log_paths, write_pid_file
 
 COMMANDS = ("start", "status") + tuple(SIGNALS)
 VALUE_OPTIONS = {"-c": "conf", "-p": "prefix", "-g": "directives", "-s": "signal", "-w": "wait"}
 FLAG_OPTIONS = {"-t": "test", "-T": "dump", "-v": "version", "-V": "build", "-q": "quiet",
                 "-h": "help", "-?": "help"}
-DEFAULT_WAIT = 30.0
-USAGE = __doc__.split("\n\n")[1]
+LONG_OPTIONS = {"--help": ("help", True), "--wait": ("wait", None)}
+USAGE = """\
+Usage: mailproxy-master [-?hvVtTq] [-s signal] [-p prefix] [-c filename] [-g directives] [-w seconds]
+                        [--wait] [start|stop|quit|reload|reopen|status]
+
+Commands (the default is start):
+  start             start the master and its workers; with `daemon on` (the default) return once
+                    the workers serve, non-zero with the reason if they cannot
+  stop              fast shutdown (SIGTERM to the master named by the pid file)
+  quit              graceful shutdown (SIGQUIT): sessions finish, nothing new is accepted
+  reload            re-read the configuration (SIGHUP); new workers start, old ones drain
+  reopen            reopen the log files (SIGUSR1), after a rotation
+  status            say whether the master runs, with its workers and their sessions
+                    (exit status 3 when it does not run)
+
+Options:
+  -?,-h, --help     this help
+  -v                show the version and exit
+  -V                show the version and how mailproxy was built, and exit
+  -t                test the configuration (and open its log and pid files) and exit
+  -T                test the configuration, dump it to stdout and exit
+  -q                suppress non-error messages during the configuration test
+  -s signal         send a signal to the master: stop, quit, reopen, reload (as the commands)
+  -p prefix         set the prefix path (default: the parent of the configuration's directory)
+  -c filename       set the configuration file (default: /etc/mailproxy/mailproxy.conf)
+  -g directives     set global directives out of the configuration file
+  --wait            after stop or quit, return only once the master has exited
+  -w seconds        as --wait, but fail when the master still runs after that many seconds
+
+stop and quit return as soon as the master has the signal, as nginx -s does. To upgrade on the fly,
+send USR2 to the master, then WINCH and QUIT to the old one (pid file .oldbin): mailproxy-master(8).
+"""
 
 
 class CliError(Exception):
@@ -38,6 +64,10 @@ def parse_args(argv):
         arg = args.pop(0)
         if arg in COMMANDS and opts["command"] is None:
             opts["command"] = arg
+            continue
+        if arg in LONG_OPTIONS:
+            key, value = LONG_OPTIONS[arg]
+            opts[key] = value
             continue
         if len(arg) < 2 or arg[0] != "-":
             raise CliError('invalid option: "%s"' % arg)
@@ -56,7 +86,7 @@ def parse_args(argv):
         if opts["signal"] not in SIGNALS:
             raise CliError('invalid option: "-s %s"' % opts["signal"])
         opts["command"] = opts["signal"]
-    if "wait" in opts:
+    if opts.get("wait") is not None:
         try:
             opts["wait"] = float(opts["wait"])
         except ValueError:
@@ -118,7 +148,21 @@ def version_lines(build):
             "built with %s" % ssl.OPENSSL_VERSION,
             "splice relay (mailproxy._splice): %s" % ("compiled in" if splice else "not built"),
         ]
+        lines += _bridge_lines()
     return lines
+
+
+def _bridge_lines():
+    """Which libssl the OpenSSL bridge is linked with, and whether it is used (mailproxy/tls.py)."""
+    from mailproxy import tls
+
+    try:
+        from mailproxy import _openssl
+    except ImportError:
+        return ["OpenSSL bridge (mailproxy._openssl): off: %s" % tls.bridge_off_reason]
+    version, path = _openssl.library()
+    state = "active" if tls.bridge is not None else "off: %s" % tls.bridge_off_reason
+    return ["OpenSSL bridge (mailproxy._openssl): linked with %s (%s), %s" % (path or "libssl", version, state)]
 
 
 # -- pid file ------------------------------------------------------------------------------------
@@ -164,11 +208,12 @@ def _is_master(pid):
 
 
 def signal_master(opts, name):
+    """Send the signal and return, as nginx -s does; `--wait` / `-w` then wait for the master's exit."""
     config = load(opts)
     pid = read_pid(config.main.pid)
     signum = SIGNALS[name]
     watch = None
-    if name in ("stop", "quit"):
+    if name in ("stop", "quit") and "wait" in opts:
         try:
             # Opened before the signal so that the wait below cannot follow a recycled pid.
             watch = os.pidfd_open(pid)
@@ -181,7 +226,7 @@ def signal_master(opts, name):
     if watch is None:
         return 0
     try:
-        timeout = opts.get("wait", DEFAULT_WAIT)
+        timeout = opts["wait"]
         ready, _, _ = select.select([watch], [], [], timeout)
     finally:
         os.close(watch)
@@ -234,10 +279,22 @@ def start(opts):
         raise CliError("a master process is already running with pid %d" % pid)
     try:
         errorlog.open_files(log_paths(config))
-        listener_set = listen_mod.ListenerSet()
-        bindings = listener_set.prepare(listen_mod.plan(config.servers))
-    except (errorlog.LogOpenError, listen_mod.ListenError) as exc:
+    except errorlog.LogOpenError as exc:
         raise CliError(str(exc)) from None
+    inherited = inherited_sockets()
+    if inherited:
+        text = "".join("%d;" % sock.fileno() for sock in inherited.values())
+        errorlog.ErrorLog(config.main.error_log).log("notice", 'using inherited sockets from "%s"' % text)
+    try:
+        listener_set = listen_mod.ListenerSet()
+        # A new master of an upgrade serves on the old one's sockets: bind() would find them taken.
+        listener_set.sockets.update(inherited)
+        bindings = listener_set.prepare(listen_mod.plan(config.servers))
+    except listen_mod.ListenError as exc:
+        log_startup_error(config, str(exc))
+        raise CliError(str(exc)) from None
+    if inherited:
+        listener_set.commit(bindings)  # the inherited sockets this configuration no longer listens on
 
     if not config.main.master_process:
         return run_single(config, listener_set, bindings)
@@ -246,15 +303,51 @@ def start(opts):
 
     path, prefix, directives = conf_location(opts)
     master = Master(config, listener_set, bindings, lambda: with_tls(load_config(path, prefix, directives)),
-                    command_line())
-    if config.main.daemon:
+                    command_line(), inherited=bool(inherited), daemonized=config.main.daemon)
+    # A new master of an upgrade stays the old one's child, as nginx's: the old one sees it exit.
+    if config.main.daemon and not inherited:
         daemonize(master)
     try:
         write_pid_file(config.main.pid)
     except errorlog.LogOpenError as exc:
+        log_startup_error(config, str(exc))
+        master.fail_start(str(exc))
         raise CliError(str(exc)) from None
     redirect_stderr(config)
     return master.run()
+
+
+def log_startup_error(config, message):
+    """nginx writes a failed start to its error log as well as to the terminal (stderr has it already)."""
+    targets = tuple((target, level) for target, level in config.main.error_log if target != errorlog.STDERR)
+    try:
+        errorlog.ErrorLog(targets).log("emerg", message)
+    except (errorlog.LogOpenError, OSError):
+        pass  # the terminal still has the message, and a log that cannot be written cannot say more
+
+
+def probe_files(config):
+    """What nginx -t opens: the pid file (created if missing, as nginx does; removed again here, so that
+    a test leaves no empty pid file behind) and every log file."""
+    from mailproxy.conf import ConfigError
+
+    path = config.main.pid
+    created = False
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        raise ConfigError('open() "%s" failed %s' % (path, errorlog.os_error_text(exc))) from None
+    os.close(fd)
+    if created:
+        os.unlink(path)
+    try:
+        errorlog.open_files(log_paths(config))
+    except errorlog.LogOpenError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def run_single(config, listener_set, bindings):
@@ -288,14 +381,12 @@ def daemonize(master):
     if os.fork():
         os.close(write_end)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        answer = b""
-        while True:
-            try:
-                answer = os.read(read_end, 1)
-                break
-            except InterruptedError:
-                continue
-        if answer != b"1":
+        # "1" when serving; "-" and the reason when the master gave up; nothing if it died.
+        with os.fdopen(read_end, "rb") as pipe:
+            answer = pipe.read()
+        if answer.startswith(b"-"):
+            errorlog.startup_error(answer[1:].decode("utf-8", "replace"))
+        elif answer != b"1":
             errorlog.startup_error("master process failed to start, see the error log")
         os._exit(0 if answer == b"1" else 1)
     os.close(read_end)
@@ -311,21 +402,22 @@ def daemonize(master):
         os.close(write_end)
         return
 
-    def ready():
-        os.write(write_end, b"1")
-        os.close(write_end)
-        master.private_fds.remove(write_end)
+    def answer(data):
+        if write_end in master.private_fds:
+            master.private_fds.remove(write_end)
+            os.write(write_end, data)
+            os.close(write_end)
 
     master.private_fds.append(write_end)
-    master.ready_hooks.append(ready)
+    master.ready_hooks.append(lambda: answer(b"1"))
+    master.failure_hooks.append(lambda reason: answer(b"-" + reason.encode("utf-8", "replace")))
 
 
 def redirect_stderr(config):
     """Like nginx, send stray stderr output (a crash report) to the main error log file."""
-    targets = [target for target, _ in config.main.error_log]
-    if errorlog.STDERR in targets or not targets:
-        return
-    os.dup2(errorlog.log_file(targets[0]).fd, 2)
+    everywhere = [target for targets in [config.main.error_log] + [s.error_log for s in config.servers]
+                  for target, _ in targets]
+    errorlog.redirect_stderr(config.main.error_log, everywhere)
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -334,7 +426,8 @@ def redirect_stderr(config):
 def run(argv):
     opts = parse_args(argv)
     if opts.get("help"):
-        sys.stderr.write("usage:" + USAGE[USAGE.index(" ") :] + "\n")
+        # nginx writes its help to stderr, after the version.
+        sys.stderr.write(version_lines(False)[0] + "\n" + USAGE)
         return 0
     if opts.get("version") or opts.get("build"):
         sys.stderr.write("\n".join(version_lines(opts.get("build"))) + "\n")
@@ -343,7 +436,8 @@ def run(argv):
         from mailproxy.conf.load import check
 
         path, prefix, directives = conf_location(opts)
-        return check(path, prefix, directives, bool(opts.get("dump")), sys.stdout, sys.stderr)
+        return check(path, prefix, directives, bool(opts.get("dump")), sys.stdout, sys.stderr,
+                     probe=probe_files, quiet=bool(opts.get("quiet")))
     command = opts["command"]
     if command == "start":
         return start(opts)

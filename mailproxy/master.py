@@ -1,4 +1,4 @@
-"""The master process: fork workers, reap them, act on signals, reload (spec 7).
+"""The master process: fork workers, reap them, act on signals, reload, upgrade on the fly (spec 7).
 
 The master never runs gevent. Its signals stay blocked and the main loop takes them one at a time with
 sigtimedwait(), which also says who sent them (nginx logs the sender); each is then run by name as
@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from mailproxy import listeners as listen_mod
@@ -32,9 +33,13 @@ HANDLERS = {
     signal.SIGINT: ("term", "exiting"),
     signal.SIGUSR1: ("usr1", "reopening logs"),
     signal.SIGCHLD: ("chld", None),
-    signal.SIGUSR2: ("ignored", None),
-    signal.SIGWINCH: ("ignored", None),
+    signal.SIGUSR2: ("usr2", "changing binary"),
+    signal.SIGWINCH: ("winch", "stop accepting connections"),
 }
+
+# nginx's NGINX variable: the listen sockets a new master inherits on USR2, as "fd;fd;...;".
+INHERIT_ENV = "MAILPROXY"
+OLDBIN = ".oldbin"
 
 MASTER_TITLE = "mailproxy: master process %s"
 
@@ -62,17 +67,23 @@ def notify(message):
 
 
 class WorkerProcess:
-    def __init__(self, pid, generation):
+    def __init__(self, pid, generation, slot):
         self.pid = pid
         self.generation = generation
+        self.slot = slot  # the worker's number, 0 .. worker_processes - 1 (worker_cpu_affinity)
         self.started = time.monotonic()
         self.retiring = False
 
 
 class Master:
-    """`load` re-reads the configuration for a reload: () -> Config, raising ConfigError."""
+    """`load` re-reads the configuration for a reload: () -> Config, raising ConfigError.
 
-    def __init__(self, config, listener_set, bindings, load, command_line=""):
+    `inherited`: this master was started by an old one's USR2 and took its sockets; `daemonized`: it
+    runs away from a terminal (only then does WINCH mean "stop the workers", as in nginx).
+    """
+
+    def __init__(self, config, listener_set, bindings, load, command_line="", inherited=False,
+                 daemonized=False):
         self.config = config
         self.listeners = listener_set
         self.bindings = bindings
@@ -85,10 +96,20 @@ class Master:
         self.counter = multiprocessing.Value(ctypes.c_uint64, 0)
         self.private_fds = []  # closed in every worker (e.g. the daemon's readiness pipe)
         self.ready_hooks = []
+        self.failure_hooks = []  # called with the reason when the master gives up before it was ready
+        self.boot_pipe = None  # at start-up: the write end each new worker reports its boot on
+        # The accept_mutex: workers take a POSIX record lock on this unnamed file, which the kernel
+        # releases when its holder dies (nginx's master unlocks its shared-memory mutex by hand).
+        self.accept_lock = tempfile.TemporaryFile()
         self.failures = 0
         self.respawn_at = 0.0
         self.term_deadlines = []
         self.fatal = False
+        self.inherited = inherited
+        self.daemonized = daemonized or inherited
+        self.parent = os.getppid()
+        self.new_binary = 0  # pid of the master a USR2 started, while it runs
+        self.noaccepting = False  # WINCH: the workers were let go and are not replaced
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLERS)
         # Created after the mask: its threads (status, metrics) inherit it and never take a signal.
         self.observer = status.Observer(self)
@@ -100,31 +121,74 @@ class Master:
         from setproctitle import setproctitle
 
         setproctitle(MASTER_TITLE % self.command_line)
+        for notice in errorlog.startup_notices():
+            self.log.log("notice", notice)
         try:
             self.observer.prepare(self.config)
         except listen_mod.ListenError as exc:
             self.log.log("emerg", str(exc))
             self.finish()
+            self.fail_start(str(exc))
             return 1
         self.observer.commit(self.config)
         self.observer.started_with(self.config)
         throttle.prepare(self.config)  # before fork: every worker must map the same zones
-        self.spawn_workers()
-        self._ready()
+        failure = self.spawn_first_workers()
+        if failure is None:
+            self._ready()
         while self.state == "running" or self.workers:
             info = signal.sigtimedwait(HANDLERS, self._wait_time())
             if info is not None:
                 self.dispatch(info)
             self.tick()
         self.finish()
-        return 1 if self.fatal else 0
+        if failure is not None:
+            self.fail_start(failure)
+        return 1 if self.fatal or failure is not None else 0
+
+    def spawn_first_workers(self):
+        """Fork the workers and wait until each has said how its start went; returns None when at
+        least one serves, else the reason the last one gave (so `start` can fail with it)."""
+        read_end, self.boot_pipe = os.pipe()
+        self.private_fds.append(read_end)
+        try:
+            self.spawn_workers()
+        finally:
+            self.private_fds.remove(read_end)
+            os.close(self.boot_pipe)
+            self.boot_pipe = None
+        with os.fdopen(read_end, "rb") as reports:
+            # EOF once every worker reported or died: each one closes its copy of the write end.
+            records = reports.read()
+        lines = records.split(b"\n")
+        if b"+" in lines or not self.config.main.worker_processes:
+            return None
+        failures = [line[1:].decode("utf-8", "replace") for line in lines if line.startswith(b"-")]
+        reason = failures[-1] if failures else "worker process exited during start-up"
+        self.log.log("emerg", "no worker process started: %s" % reason)
+        return reason
+
+    def fail_start(self, reason):
+        """The master gives up before it was ready: whoever waits for the start hears why."""
+        for hook in self.failure_hooks:
+            hook(reason)
+        self.failure_hooks = []
 
     def dispatch(self, info):
         name, reason = HANDLERS[info.si_signo]
+        if name == "usr2" and (self.new_binary or self._old_master_alive()):
+            # One upgrade at a time: not while a new master runs, nor in a new one whose old one is
+            # still there.
+            name, reason = "ignored", "ignoring"
+        elif name == "winch" and not self.daemonized:
+            name, reason = "ignored", None  # a terminal's window changed size
         text = "signal %d (%s) received from %d" % (
             info.si_signo, signal.Signals(info.si_signo).name, info.si_pid)
         self.log.log("notice", text + (", " + reason if reason else ""))
         getattr(self, "handle_" + name)()
+
+    def _old_master_alive(self):
+        return self.inherited and os.getppid() == self.parent
 
     def _wait_time(self):
         now = time.monotonic()
@@ -146,9 +210,14 @@ class Master:
 
     def finish(self):
         self.observer.close()
-        self.listeners.close_all()
-        self._remove_pid_file(self.config.main.pid)
+        self.listeners.close_all(unlink=self._owns_unix_sockets())
+        pid = self.config.main.pid
+        self._remove_pid_file(pid + OLDBIN if self.new_binary else pid)
         self.log.log("notice", "exit")
+
+    def _owns_unix_sockets(self):
+        """Unix socket files stay while another master (new or old) serves on them."""
+        return not self.new_binary and not self._old_master_alive()
 
     def _ready(self):
         notify("READY=1\nMAINPID=%d" % os.getpid())
@@ -162,28 +231,32 @@ class Master:
         return [w for w in self.workers.values() if not w.retiring]
 
     def _missing_workers(self):
+        if self.noaccepting:
+            return 0
         return max(0, self.config.main.worker_processes - len(self._current()))
 
     def spawn_workers(self):
-        missing = self._missing_workers()
-        if missing and not self._current():
+        if self._missing_workers() and not self._current():
             self.log.log("notice", "start worker processes")
-        for _ in range(missing):
-            self.spawn_worker()
+        taken = {record.slot for record in self._current()}
+        for slot in range(self.config.main.worker_processes):
+            if slot not in taken:
+                self.spawn_worker(slot)
 
-    def spawn_worker(self):
+    def spawn_worker(self, slot):
         self.observer.before_fork()
         pid = os.fork()
         if pid:
             self.observer.after_fork(pid)
-            self.workers[pid] = WorkerProcess(pid, self.generation)
+            self.workers[pid] = WorkerProcess(pid, self.generation, slot)
             self.log.log("notice", "start worker process %d" % pid)
             return pid
         status = 1
         try:
             from mailproxy import worker
 
-            status = worker.boot(self.config, self.bindings, self._foreign_fds(), self.counter)
+            status = worker.boot(self.config, self.bindings, self._foreign_fds(), self.counter, slot=slot,
+                                 accept_lock=self.accept_lock.fileno(), booted=self.boot_pipe)
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
         except BaseException as exc:
@@ -212,6 +285,8 @@ class Master:
                 return
             record = self.workers.pop(pid, None)
             if record is None:
+                if pid == self.new_binary:
+                    self._new_binary_exited(pid, status)
                 continue
             boot_error = os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR
             self.observer.worker_reaped(pid, not record.retiring and self.state == "running" and not boot_error)
@@ -251,6 +326,12 @@ class Master:
     def handle_hup(self):
         if self.state != "running":
             return
+        if self.new_binary:
+            # nginx: with a new master running, HUP brings this one's workers back (the roll-back of an
+            # upgrade), with the configuration they had.
+            self.noaccepting = False
+            self.spawn_workers()
+            return
         self.log.log("notice", "reconfiguring")
         notify("RELOADING=1")
         try:
@@ -284,7 +365,9 @@ class Master:
         self.config, self.bindings = config, bindings
         self.generation += 1
         self.log = errorlog.ErrorLog(config.main.error_log)
+        self.log.log("notice", 'using the "%s" event method' % errorlog.event_method())
         self.failures, self.respawn_at = 0, 0.0
+        self.noaccepting = False  # a reload after WINCH starts workers again, as nginx's
         throttle.prepare(config)
         self.spawn_workers()
         self.kill_workers(signal.SIGQUIT, old_workers)
@@ -303,7 +386,7 @@ class Master:
         notify("STOPPING=1")
         self.log.log("notice", "gracefully shutting down")
         self.kill_workers(signal.SIGQUIT)
-        self.listeners.close_all()
+        self.listeners.close_all(unlink=self._owns_unix_sockets())
 
     def handle_term(self):
         if self.state == "stopping":
@@ -335,7 +418,70 @@ class Master:
         self.kill_workers(signal.SIGUSR1)
 
     def handle_ignored(self):
-        """USR2 (binary upgrade) and WINCH are nginx features mailproxy does not have."""
+        """A USR2 during an upgrade, or a WINCH in the foreground."""
+
+    # -- upgrade on the fly (nginx's USR2 and WINCH) -----------------------------------------------
+
+    def handle_usr2(self):
+        """Start the installed program as a new master on these listen sockets; both then serve.
+
+        The pid file becomes `<pid>.oldbin`; the new master writes its own. QUIT to this master ends
+        the upgrade; QUIT to the new one (after HUP here, if WINCH let the workers go) rolls it back.
+        """
+        self.log.log("notice", "changing binary")
+        pid_path = self.config.main.pid
+        try:
+            os.rename(pid_path, pid_path + OLDBIN)
+        except OSError as exc:
+            self.log.log("alert", 'rename() "%s" to "%s" failed %s, binary is not changed'
+                         % (pid_path, pid_path + OLDBIN, errorlog.os_error_text(exc)))
+            return
+        fds = [sock.fileno() for sock in self.listeners.all_sockets()]
+        env = dict(os.environ)
+        env[INHERIT_ENV] = "".join("%d;" % fd for fd in fds)
+        argv = new_binary_argv()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                # The blocked-signal mask survives execve: the program starts with nothing blocked.
+                signal.pthread_sigmask(signal.SIG_SETMASK, ())
+                for fd in fds:
+                    os.set_inheritable(fd, True)
+                os.execve(argv[0], argv, env)
+            except BaseException as exc:
+                self.log.log("alert", 'execve() failed while executing new binary process "%s" %s'
+                             % (argv[0], errorlog.os_error_text(exc) if isinstance(exc, OSError) else exc))
+            finally:
+                os._exit(1)
+        self.new_binary = pid
+        self.log.log("notice", "start new binary process %d" % pid)
+
+    def _new_binary_exited(self, pid, status):
+        if os.WIFSIGNALED(status):
+            self.log.log("alert", "new binary process %d exited on signal %d" % (pid, os.WTERMSIG(status)))
+        else:
+            self.log.log("notice", "new binary process %d exited with code %d" % (pid, os.WEXITSTATUS(status)))
+        pid_path = self.config.main.pid
+        try:
+            os.rename(pid_path + OLDBIN, pid_path)
+        except OSError as exc:
+            self.log.log("alert", 'rename() "%s" back to "%s" failed %s'
+                         % (pid_path + OLDBIN, pid_path, errorlog.os_error_text(exc)))
+        self.new_binary = 0
+        if self.noaccepting and self.state == "running":
+            # The upgrade failed or was rolled back while this master's workers were gone: serve again.
+            self.noaccepting = False
+            self.spawn_workers()
+
+    def handle_winch(self):
+        """The old master of an upgrade lets its workers finish their sessions and replaces none."""
+        if self.state != "running":
+            return
+        self.noaccepting = True
+        current = self._current()
+        for record in current:
+            record.retiring = True
+        self.kill_workers(signal.SIGQUIT, current)
 
     # -- pid file ----------------------------------------------------------------------------
 
@@ -363,7 +509,6 @@ def write_pid_file(path):
     """`<pid>\\n`, replaced whole so that a reader never sees a half-written number."""
     tmp = "%s.%d.tmp" % (path, os.getpid())
     try:
-        errorlog.ensure_parent(path)
         with open(tmp, "w") as handle:
             handle.write("%d\n" % os.getpid())
         os.replace(tmp, path)
@@ -373,3 +518,39 @@ def write_pid_file(path):
 
 def command_line():
     return " ".join(sys.argv)
+
+
+def new_binary_argv():
+    """The command this master was started with, run afresh: whatever mailproxy is installed now."""
+    if os.path.basename(sys.argv[0]) in ("cli.py", "__main__.py"):
+        return [sys.executable, "-m", "mailproxy.cli"] + sys.argv[1:]
+    return [os.path.abspath(sys.argv[0])] + sys.argv[1:]
+
+
+def inherited_sockets():
+    """The listen sockets an old master passed on USR2, keyed as listeners.socket_key does; {} when
+    this master was started by hand."""
+    import ipaddress
+
+    text = os.environ.pop(INHERIT_ENV, "")
+    found = {}
+    for part in text.split(";"):
+        if not part.isdigit():
+            continue
+        fd = int(part)
+        try:
+            sock = socket.socket(fileno=fd)
+            name = sock.getsockname()
+        except OSError:
+            continue  # not a socket any more: nginx skips it as well
+        sock.setblocking(False)
+        sock.set_inheritable(True)
+        if sock.family == socket.AF_UNIX:
+            key = (socket.AF_UNIX, name)
+        else:
+            ipv6only = None
+            if sock.family == socket.AF_INET6:
+                ipv6only = bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+            key = (sock.family, ipaddress.ip_address(name[0].split("%", 1)[0]), name[1], ipv6only)
+        found[key] = sock
+    return found

@@ -7,6 +7,7 @@ idle relayed session costs no greenlet stack.
 """
 
 import errno
+import ipaddress
 import select
 import socket
 import ssl
@@ -30,6 +31,7 @@ from mailproxy.auth_http.response import (
 from mailproxy.protocol import imap, pop3, sieve, smtp, sasl
 from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS, escape_for_log
 from mailproxy.backend_login import BackendLogin, BackendLoginFailed
+from mailproxy import log as errorlog
 from mailproxy import metrics, session_log, throttle
 from mailproxy import netio, proxy_protocol, relay, resolver, tls
 
@@ -87,7 +89,7 @@ def handle(sock, peer, listen, server, worker):
         raise
     except Exception as exc:  # a bug must cost one session, never the worker
         session.result = "error"
-        session.log("alert", "session failed: %s: %s" % (type(exc).__name__, exc))
+        session.log_bug("session failed: %s: %s" % (type(exc).__name__, exc), exc)
     finally:
         session.release()
 
@@ -99,9 +101,9 @@ class Session:
         self.server = server
         self.worker = worker
         self.spec = PROTOCOLS[server.protocol]
-        self.error_log = worker.log_for(server)
         self.number = worker.next_connection_number()
         self.client_ip, self.client_port = _address_text(peer, listen)
+        self.use_log(server)
         self.action = None
         self.login = b""
         self.machine = None
@@ -128,8 +130,23 @@ class Session:
 
     # -- logging ---------------------------------------------------------------------------------
 
+    def use_log(self, server):
+        """The server's error_log; a client listed in debug_connection gets every level on it."""
+        self.error_log = self.worker.log_for(server)
+        if _debug_client(self.client_ip, self.worker.config.main.debug_connection):
+            self.error_log = errorlog.ConnectionLog(self.error_log)
+        # Checked before a debug line's text is even formatted: at other levels they cost one test.
+        self.debugging = self.error_log.enabled("debug")
+
+    def debug(self, message):
+        """nginx's debug lines: the connection number, no `while ..., client: ...` context."""
+        self.error_log.log("debug", message, self.number)
+
     def log(self, level, message):
         if not self.error_log.enabled(level):
+            return
+        if level == "debug":
+            self.debug(message)
             return
         parts = [message]
         if self.action:
@@ -146,6 +163,12 @@ class Session:
             parts.append(", upstream: %s" % self.upstream)
         self.error_log.log(level, "".join(parts), self.number)
 
+    def log_bug(self, message, exc):
+        """An exception no code path expects: `[alert]` with the session's context, then the traceback."""
+        self.log("alert", message)
+        for line in errorlog.traceback_lines(exc):
+            self.error_log.log("alert", line, self.number)
+
     def log_while(self, action, level, message):
         """The logger for the edge modules (resolver, backend_login), which keep their own action."""
         self.action = action
@@ -154,6 +177,8 @@ class Session:
     # -- the pre-relay phase ---------------------------------------------------------------------
 
     def run(self):
+        if self.debugging:
+            self.debug("accept: %s fd:%d" % (_peer_text(self.client_ip, self.client_port), self.sock.fileno()))
         if self.error_log.enabled("info"):
             self.error_log.log(
                 "info",
@@ -207,11 +232,14 @@ class Session:
             self.timed_out()
         self.sock.settimeout(remaining)
         try:
-            return self.sock.recv(_READ_SIZE)
+            data = self.sock.recv(_READ_SIZE)
         except socket.timeout:
             self.timed_out()
         except OSError as exc:
             self.fail_socket("recv", exc)
+        if self.debugging:
+            self.debug("recv: fd:%d %d of %d" % (self.sock.fileno(), len(data), _READ_SIZE))
+        return data
 
     def timed_out(self):
         self.result = "timeout"
@@ -230,6 +258,8 @@ class Session:
             self.timed_out()
         except OSError as exc:
             self.fail_socket("send", exc)
+        if self.debugging:
+            self.debug("send: fd:%d %d bytes" % (self.sock.fileno(), len(data)))
 
     def execute(self, actions):
         for action in actions:
@@ -324,7 +354,7 @@ class Session:
             if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or exc.errno == errno.ENOTCONN:
                 self.log("info", "peer closed connection in SSL handshake")
             else:
-                self.log("info", "SSL_do_handshake() failed (SSL: %s)" % netio.ssl_reason(exc))
+                self.log("info", "SSL_do_handshake() failed (SSL: %s)" % tls.ssl_error_text(exc))
             raise SessionClosed()
         except OSError as exc:
             self.handshake_failed("error")
@@ -340,7 +370,7 @@ class Session:
                 # rules. After STARTTLS the client has already seen the first server's greeting and
                 # capabilities, so that server keeps the session and only the certificate follows the name.
                 self.server = group.server_of(self.sock)
-                self.error_log = self.worker.log_for(self.server)
+                self.use_log(self.server)
         broken = tls.load_error(self.sock)
         if broken:
             # Certificate files by SNI name (ours): the default certificate served instead.
@@ -427,7 +457,10 @@ class Session:
         while outcome is None:
             began = time.monotonic()
             try:
-                reply = client.ask(request)
+                if self.debugging:
+                    self.debug('mail auth http request: method "%s", login "%s", attempt %d, %d bytes'
+                               % (attempt.method, escape_for_log(attempt.login), attempt.attempt, len(request)))
+                reply = client.ask(request, self.debug if self.debugging else None)
                 outcome = decide(reply, self.server.protocol, attempt.method)
             except AuthHttpError as exc:
                 self.metrics.auth_seconds.observe(time.monotonic() - began)
@@ -495,7 +528,7 @@ class Session:
         if ok.login is not None:
             self.login = ok.login
         backend = BackendLogin(self.server, self.sock, self.client_ip, self.client_port, self.client_host,
-                               self.log_while, self.metrics)
+                               self.log_while, self.metrics, self.debug if self.debugging else None)
         try:
             logged_in = backend.run(attempt, ok, self.login)
         except BackendLoginFailed as failure:
@@ -525,6 +558,10 @@ class Session:
             raise SessionClosed()
         self.sock.settimeout(None)
         self.backend.settimeout(None)
+        if self.debugging:
+            spliced = relay.SPLICE_AVAILABLE and not self.tls and not self.backend_tls
+            self.debug("mail proxy relay start: client fd:%d, upstream fd:%d, %s" % (
+                self.sock.fileno(), self.backend.fileno(), "splice" if spliced else "copy"))
         self.relay = relay.start(
             self.sock,
             self.backend,
@@ -544,6 +581,8 @@ class Session:
 
     def relay_closed(self, result):
         self.action = None
+        if self.debugging:
+            self.debug("close mail proxy connection: %s" % result.reason)
         if result.reason == "timed out":
             self.log("info", "client timed out (110: Connection timed out)")
         elif result.reason == "shutdown":
@@ -569,6 +608,8 @@ class Session:
     def release(self):
         if self.handed_to_relay:
             return
+        if self.debugging:
+            self.debug("close mail connection: fd:%d" % self.sock.fileno())
         for conn in (self.sock, self.backend):
             if conn is not None:
                 try:
@@ -590,6 +631,20 @@ class Session:
                 self.listen.text, self.login, self.upstream, self.result or "closed",
                 from_client, to_client, self.started,
             )
+
+
+def _debug_client(ip, listed):
+    """debug_connection: the client's own address (before any PROXY header) in a listed network, or
+    "unix:" for a unix socket listen."""
+    if not listed:
+        return False
+    if ip == "unix:":
+        return "unix:" in listed
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(not isinstance(net, str) and address.version == net.version and address in net for net in listed)
 
 
 def _address_text(peer, listen):

@@ -19,10 +19,13 @@ session_started frees it when its greenlet ends, and one that crashes finishes i
 """
 
 import errno
+import fcntl
 import importlib
 import os
+import posix
 import resource
 import signal
+import time
 import traceback
 
 from mailproxy import log as errorlog
@@ -35,7 +38,6 @@ HANDLER_ENV = "MAILPROXY_SESSION_HANDLER"
 # Exit status of a worker that could not start; the master stops instead of respawning in a loop.
 WORKER_BOOT_ERROR = 3
 
-ACCEPT_BATCH = 64
 EMFILE_FIRST_DELAY = 0.01
 EMFILE_MAX_DELAY = 1.0
 
@@ -43,8 +45,17 @@ WORKER_TITLE = "mailproxy: worker process"
 DRAINING_TITLE = "mailproxy: worker process is shutting down"
 
 
+# Variables mailproxy's master sets for its own workers, kept whatever `env` says (nginx keeps NGINX for
+# its binary upgrade the same way): the metrics directory of mailproxy.metrics.
+OWN_ENV = ("PROMETHEUS_MULTIPROC_DIR",)
+
+
 class WorkerBootError(Exception):
-    """Setup failed in the child; str() is the message logged at emerg."""
+    """Setup failed in the child; str() is the message logged at `level`."""
+
+    def __init__(self, message, level="emerg"):
+        super().__init__(message)
+        self.level = level
 
 
 def resolve_handler(spec=None):
@@ -58,7 +69,7 @@ def resolve_handler(spec=None):
 
 
 class Worker:
-    def __init__(self, config, bindings, counter, log, handler):
+    def __init__(self, config, bindings, counter, log, handler, accept_lock=None):
         import gevent.socket
 
         self._gsocket = gevent.socket.socket
@@ -68,6 +79,15 @@ class Worker:
         self.log = log
         self.handler = handler
         self.max_sessions = config.main.worker_connections
+        # nginx's multi_accept: accept until EAGAIN, or one connection per readiness event.
+        self.accept_batch = None if config.main.multi_accept else 1
+        # nginx's accept_mutex: a lock shared by the workers (a POSIX record lock on a file the master
+        # opened: the kernel drops it when its holder dies); only the holder watches the listen sockets.
+        self.accept_lock = accept_lock
+        self._lock_held = False
+        self._lock_turn = None
+        self._lock_timer = None
+        self._watching = False
         self.draining = False
         self.active = 0  # connections holding a worker_connections slot
         self.sessions = {}  # token -> (server, closer)
@@ -138,6 +158,14 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.handle_term)
         gevent.signal_handler(signal.SIGINT, self.handle_term)
         gevent.signal_handler(signal.SIGUSR1, self.handle_usr1)
+        if self.accept_lock is not None:
+            # Before each wait for events the worker tries for the mutex (nginx: once per event-loop
+            # turn); the timer wakes a worker without it every accept_mutex_delay to try again.
+            self._lock_turn = loop.prepare()
+            self._lock_turn.start(self._accept_mutex_turn)
+            delay = self.config.main.accept_mutex_delay or 0.001
+            self._lock_timer = loop.timer(delay, delay, ref=False)
+            self._lock_timer.start(lambda: None)
         # Only now may queued signals arrive: every handler above is in place.
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         self._start_accepting()
@@ -150,16 +178,55 @@ class Worker:
             return
         self._accepting = True
         self._full_logged = False
-        for watcher, binding in self._watchers:
-            watcher.start(self._on_readable, binding)
+        if self.accept_lock is None:
+            self._watch(True)
 
     def _stop_accepting(self):
         self._accepting = False
-        for watcher, _ in self._watchers:
-            watcher.stop()
+        self._watch(False)
+        self._release_accept_mutex()
+
+    def _watch(self, on):
+        if on == self._watching:
+            return
+        self._watching = on
+        for watcher, binding in self._watchers:
+            if on:
+                watcher.start(self._on_readable, binding)
+            else:
+                watcher.stop()
+
+    def _accept_mutex_turn(self):
+        if not self._accepting or self._lock_held:
+            return
+        # nginx's ngx_accept_disabled: a worker with under 1/8 of its connections free leaves the
+        # new ones to the others.
+        if self.max_sessions - self.active < self.max_sessions // 8:
+            self._watch(False)
+            return
+        try:
+            fcntl.lockf(self.accept_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._watch(False)
+            return
+        self._lock_held = True
+        self._watch(True)
+
+    def _release_accept_mutex(self):
+        if self._lock_held:
+            self._lock_held = False
+            fcntl.lockf(self.accept_lock, fcntl.LOCK_UN)
 
     def _on_readable(self, binding):
-        for _ in range(ACCEPT_BATCH):
+        # The holder lets the mutex go once it took what was ready; the next turn decides again.
+        try:
+            self._accept_ready(binding)
+        finally:
+            self._release_accept_mutex()
+
+    def _accept_ready(self, binding):
+        accepted = 0
+        while self.accept_batch is None or accepted < self.accept_batch:
             if self.active >= self.max_sessions:
                 if not self._full_logged:
                     self.log.log("alert", "%d worker_connections are not enough" % self.max_sessions)
@@ -179,6 +246,7 @@ class Worker:
                 self.log.log("alert", "accept4() failed %s" % errorlog.os_error_text(exc))
                 return
             self._emfile_delay = EMFILE_FIRST_DELAY
+            accepted += 1
             self._spawn(binding, fd, peer)
 
     def _back_off(self, exc):
@@ -229,8 +297,10 @@ class Worker:
             # A bug in one session must not take the others down: log it and drop this client.
             crashed = True
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            self.log_for(server).log("alert", "session failed: %s" % detail)
-            self.log_for(server).log("debug", "".join(traceback.format_exc()))
+            log = self.log_for(server)
+            log.log("alert", "session failed: %s" % detail)
+            for line in errorlog.traceback_lines(exc):
+                log.log("alert", line)
         finally:
             _, tokens = self._unclaimed.pop(gevent.getcurrent())
             if crashed or not tokens:
@@ -319,11 +389,78 @@ def _drop_privileges(user):
         raise WorkerBootError("setuid(%d) failed %s" % (entry.pw_uid, errorlog.os_error_text(exc)))
 
 
-def _set_nofile(limit):
+def _set_rlimit(log, which, name, limit):
+    """nginx sets both limits and, when that is refused, says so and serves with what it has."""
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        resource.setrlimit(which, (limit, limit))
+    except ValueError:
+        # Python's resource module reports setrlimit(2)'s EPERM (raising the hard limit without the
+        # privilege) and EINVAL as ValueError; which one it was follows from the hard limit.
+        code = errno.EPERM if limit > resource.getrlimit(which)[1] else errno.EINVAL
+        log.log("alert", "setrlimit(%s, %d) failed (%d: %s)" % (name, limit, code, os.strerror(code)))
+    except OSError as exc:
+        log.log("alert", "setrlimit(%s, %d) failed %s" % (name, limit, errorlog.os_error_text(exc)))
+
+
+def cpus_for_worker(affinity, slot):
+    """nginx's ngx_get_cpu_affinity: the CPUs of worker number `slot`, or None for no affinity."""
+    if affinity is None:
+        return None
+    auto, masks = affinity
+    if auto:
+        cpus = masks[-1]
+        # `auto` gives each worker one CPU of the mask, in turn.
+        return (cpus[slot % len(cpus)],) if cpus else None
+    return masks[slot] if slot < len(masks) else masks[-1]
+
+
+def worker_environment(entries, original):
+    """nginx's ngx_set_environment: the variables `env` names, with the master's value or the one given;
+    TZ unless `env` names it; nothing else."""
+    entries = list(entries)
+    if not any(name == "TZ" for name, _ in entries):
+        entries.append(("TZ", None))
+    env = {}
+    for name, value in entries:
+        if value is not None:
+            env.setdefault(name, value)
+        elif name in original:
+            env.setdefault(name, original[name])
+    for name in OWN_ENV:
+        if name in original:
+            env.setdefault(name, original[name])
+    return env
+
+
+def _set_environment(entries):
+    env = worker_environment(entries, dict(os.environ))
+    os.environ.clear()
+    os.environ.update(env)
+    time.tzset()
+
+
+def _set_affinity(log, cpus):
+    for cpu in cpus:
+        log.log("notice", "sched_setaffinity(): using cpu #%d" % cpu)
+    try:
+        os.sched_setaffinity(0, cpus)
     except (OSError, ValueError) as exc:
-        raise WorkerBootError("setrlimit(RLIMIT_NOFILE, %d) failed (%s)" % (limit, exc)) from None
+        code = exc.errno if isinstance(exc, OSError) else errno.EINVAL
+        log.log("alert", "sched_setaffinity() failed (%d: %s)" % (code, os.strerror(code)))
+
+
+def _report_boot(fd, failure=None):
+    """Tell the master at start-up whether this worker serves (`+`) or why it cannot (`-reason`)."""
+    if fd is None:
+        return
+    record = b"+\n" if failure is None else b"-" + failure.encode("utf-8", "replace")[:1000] + b"\n"
+    try:
+        os.write(fd, record)
+        # Not os.close: gevent's defers the close to a later turn of the event loop, and the master
+        # waits for the end of the pipe.
+        posix.close(fd)
+    except OSError:
+        pass  # the master stopped waiting (it died): this worker's exit will tell the rest
 
 
 def _preload(hub):
@@ -339,14 +476,20 @@ def _preload(hub):
     hub.threadpool
 
 
-def boot(config, bindings, foreign_fds, counter, handler=None, single=False):
+def boot(config, bindings, foreign_fds, counter, handler=None, single=False, slot=0, accept_lock=None,
+         booted=None):
     """Run in the child right after fork (or in place with `master_process off`, `single`);
     returns the exit status.
 
-    Order matters: limits and sockets need root; privileges go last before serving. A single
-    process keeps its user, as nginx's does: it must still remove its pid file and sockets.
+    `slot` is the worker's number (0 .. worker_processes - 1, for worker_cpu_affinity); `booted`, at
+    start-up, a pipe on which the worker tells the master how its start went.
+
+    The order is nginx's (ngx_worker_process_init): environment, priority and limits while still
+    root, then the user, then the CPU and the working directory. A single process keeps its user, as
+    nginx's does: it must still remove its pid file and sockets.
     """
     log = errorlog.ErrorLog(config.main.error_log)
+    main = config.main
     try:
         for fd in foreign_fds:
             os.close(fd)
@@ -358,27 +501,53 @@ def boot(config, bindings, foreign_fds, counter, handler=None, single=False):
 
         monkey.patch_all()
         import gevent
-        from setproctitle import setproctitle
+        from setproctitle import getproctitle, setproctitle
 
         gevent.reinit()
         # The hub loads its event loop module lazily: load it, and the session code, while still
-        # root, since `user` may not be able to read the Python installation.
+        # root, since `user` may not be able to read the Python installation. Both read their
+        # settings from the environment, so they come before `env` replaces it.
         _preload(gevent.get_hub())
         handler = handler if callable(handler) else resolve_handler(handler)
-        worker = Worker(config, bindings, counter, log, handler)
-        if config.main.worker_rlimit_nofile is not None:
-            _set_nofile(config.main.worker_rlimit_nofile)
-        if config.main.user is not None and os.geteuid() == 0 and not single:
-            _drop_privileges(config.main.user)
+        # setproctitle finds the memory it may write the title over through the environment, once,
+        # on first use: in a single process that must happen before `env` replaces the environment.
+        getproctitle()
+        _set_environment(main.env)
+        use_mutex = main.accept_mutex and main.worker_processes > 1 and not single
+        worker = Worker(config, bindings, counter, log, handler, accept_lock if use_mutex else None)
+        if main.worker_priority and not single:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, main.worker_priority)
+            except OSError as exc:
+                text = errorlog.os_error_text(exc)
+                log.log("alert", "setpriority(%d) failed %s" % (main.worker_priority, text))
+        if main.worker_rlimit_nofile is not None:
+            _set_rlimit(log, resource.RLIMIT_NOFILE, "RLIMIT_NOFILE", main.worker_rlimit_nofile)
+        if main.worker_rlimit_core is not None:
+            _set_rlimit(log, resource.RLIMIT_CORE, "RLIMIT_CORE", main.worker_rlimit_core)
+        if main.user is not None and os.geteuid() == 0 and not single:
+            _drop_privileges(main.user)
+        cpus = None if single else cpus_for_worker(main.worker_cpu_affinity, slot)
+        if cpus is not None:
+            _set_affinity(log, cpus)
+        if main.working_directory and not single:
+            try:
+                os.chdir(main.working_directory)
+            except OSError as exc:
+                raise WorkerBootError('chdir("%s") failed %s' % (
+                    main.working_directory, errorlog.os_error_text(exc)), "alert") from None
         # Set last, so the title also tells that the worker finished booting.
         setproctitle(WORKER_TITLE)
     except WorkerBootError as exc:
-        log.log("emerg", str(exc))
+        log.log(exc.level, str(exc))
+        _report_boot(booted, str(exc))
         return WORKER_BOOT_ERROR
     except Exception as exc:
         # Anything else before serving is as fatal: respawning would fail the same way.
-        log.log("emerg", "worker process failed to start: %s: %s" % (type(exc).__name__, exc))
+        text = "worker process failed to start: %s: %s" % (type(exc).__name__, exc)
+        log.log("emerg", text)
+        _report_boot(booted, text)
         return WORKER_BOOT_ERROR
+    _report_boot(booted)
     worker.run()
     return 0
-

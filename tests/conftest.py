@@ -5,13 +5,16 @@
         m = mailproxy_master(text, daemon=True)         # through `start`, which returns when ready
         m.cli("reload"); m.reload(); m.error_log(); m.workers(); m.stop()
 
-Readiness comes from the master itself: it sends systemd's READY=1 to $NOTIFY_SOCKET after its
-workers are forked (and again after each reload), so nothing here sleeps and hopes.
+Readiness comes from the master itself: it sends systemd's READY=1 to $NOTIFY_SOCKET once its
+workers said they serve (and again after each reload, once the new ones are forked), so nothing here
+sleeps and hopes.
 
 `mini_imap_session` is the session handler the worker runs in these tests (MAILPROXY_SESSION_HANDLER):
-a greeting, `a LOGOUT` answered, and `a PID` telling which worker holds the session.
+a greeting, `a LOGOUT` answered, `a PID` telling which worker holds the session and `a ENV` its
+environment (JSON).
 """
 
+import json
 import os
 import signal
 import socket
@@ -68,6 +71,10 @@ def serve_mini_imap(sock):
                 return
             if command == b"a pid":
                 sock.sendall(b"* PID %d\r\na OK\r\n" % os.getpid())
+            elif command == b"a env":
+                # The worker's environment as it has it: /proc/PID/environ shows only the memory the
+                # program started with, which setproctitle has since written over (nginx's alike).
+                sock.sendall(b"* ENV %s\r\na OK\r\n" % json.dumps(dict(os.environ)).encode())
             else:
                 sock.sendall(b"* BAD\r\n")
 

@@ -1,9 +1,12 @@
-"""The error log: nginx's line format, levels, several targets, reopen, shared appends."""
+"""The error log: nginx's line format, levels, several targets, reopen, shared appends; syslog and memory
+targets as nginx parses and formats them (tests/test_error_log_targets.py runs them in a real master)."""
 
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -117,11 +120,13 @@ def test_open_failure_worded_like_nginx(tmp_path):
     assert str(info.value) == 'open() "%s" failed (20: Not a directory)' % path
 
 
-def test_missing_folder_is_created(tmp_path):
+def test_missing_folder_is_an_open_error(tmp_path):
+    # nginx creates no folder for its logs: a typo in a path must fail the start, not grow a tree.
     path = str(tmp_path / "logs" / "error.log")
-    errorlog.ErrorLog(((path, "error"),)).log("error", "first line")
-    with open(path) as log:
-        assert log.read().endswith("[error] %d#0: first line\n" % os.getpid())
+    with pytest.raises(errorlog.LogOpenError) as info:
+        errorlog.ErrorLog(((path, "error"),))
+    assert str(info.value) == 'open() "%s" failed (2: No such file or directory)' % path
+    assert not os.path.exists(tmp_path / "logs")
 
 
 def test_processes_append_whole_lines(tmp_path):
@@ -146,3 +151,104 @@ def test_processes_append_whole_lines(tmp_path):
     written = lines(path)
     assert len(written) == 2000
     assert all(LINE.match(line) for line in written)
+
+
+SYSLOG = re.compile(rb"^<(\d+)>([A-Z][a-z]{2}) ([ \d]\d) (\d\d):(\d\d):(\d\d) (?:(\S+) )?(\w*): (.*)$", re.S)
+
+
+def test_syslog_message_as_ngx_syslog_writer(tmp_path):
+    peer = errorlog.SyslogPeer("syslog:server=127.0.0.1:514")
+    now = time.mktime((2026, 3, 5, 7, 8, 9, 0, 0, -1))
+    line = errorlog.format_line("warn", "disk nearly full", conn=4, now=now)
+    message = peer.message(errorlog.LEVELS.index("warn"), line, now=now)
+    # local7 (23) * 8 + warning (4); the day padded with a space; the whole error line, without its LF.
+    assert message == b"<188>Mar  5 07:08:09 %s nginx: %s" % (socket.gethostname().lower().encode(), line[:-1])
+    bare = errorlog.SyslogPeer("syslog:server=127.0.0.1,facility=mail,tag=edge_1,nohostname,severity=debug")
+    message = bare.message(errorlog.LEVELS.index("emerg"), line, now=now)
+    # severity= only matters to access_log: an error line keeps its own level's severity (emerg: 0).
+    assert message.startswith(b"<16>Mar  5 07:08:09 edge_1: 2026/03/05 07:08:09 [warn] ")
+    assert SYSLOG.match(message).group(7) is None
+
+
+def test_syslog_message_cut_like_nginx():
+    peer = errorlog.SyslogPeer("syslog:server=127.0.0.1:514")
+    message = peer.message(0, errorlog.format_line("debug", "x" * 5000))
+    assert len(message) <= errorlog.SYSLOG_MAX and message.endswith(b"x")
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("syslog:", 'unknown syslog parameter ""'),
+    ("syslog:facility=mail", "no syslog server specified"),
+    ("syslog:server=127.0.0.1,server=127.0.0.2", 'duplicate syslog "server"'),
+    ("syslog:server=127.0.0.1:0", 'invalid port in syslog server "127.0.0.1:0"'),
+    ("syslog:server=127.0.0.1:x", 'invalid port in syslog server "127.0.0.1:x"'),
+    ("syslog:server=[::1", 'invalid host in syslog server "[::1"'),
+    ("syslog:server=unix:", 'no path in the unix domain socket in syslog server "unix:"'),
+    ("syslog:server=host.invalid", 'host not found in syslog server "host.invalid"'),
+    ("syslog:server=127.0.0.1,facility=local8", 'unknown syslog facility "local8"'),
+    ("syslog:server=127.0.0.1,severity=warning", 'unknown syslog severity "warning"'),
+    ("syslog:server=127.0.0.1,tag=" + "t" * 33, "syslog tag length exceeds 32"),
+    ("syslog:server=127.0.0.1,tag=mail-proxy", 'syslog "tag" only allows alphanumeric characters and underscore'),
+    ("syslog:server=127.0.0.1,hostname", 'unknown syslog parameter "hostname"'),
+    ("memory:1k", 'invalid buffer size "1k"'),
+    ("memory:lots", 'invalid buffer size "lots"'),
+])
+def test_targets_refused_in_nginx_words(target, reason):
+    with pytest.raises(errorlog.TargetError) as info:
+        errorlog.check_target(target)
+    assert str(info.value) == reason
+
+
+def test_syslog_server_forms():
+    assert errorlog.parse_syslog("syslog:server=127.0.0.1").address == ("127.0.0.1", 514)
+    assert errorlog.parse_syslog("syslog:server=[::1]:5514").address == ("::1", 5514)
+    unix = errorlog.parse_syslog("syslog:server=unix:/dev/log,tag=")
+    assert (unix.family, unix.address, unix.tag) == (socket.AF_UNIX, "/dev/log", "")
+
+
+def test_udp_syslog_target_sends_one_datagram_per_line():
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(5)
+    with receiver:
+        target = "syslog:server=127.0.0.1:%d,tag=t" % receiver.getsockname()[1]
+        log = errorlog.ErrorLog(((target, "notice"),))
+        log.log("info", "below the level")
+        log.log("notice", "first")
+        log.log("error", "second", conn=9)
+        first, second = receiver.recv(4096), receiver.recv(4096)
+    assert SYSLOG.match(first).group(1) == b"189" and first.endswith(b"[notice] %d#0: first" % os.getpid())
+    assert SYSLOG.match(second).group(1) == b"187" and second.endswith(b": *9 second")
+
+
+def test_absent_syslog_server_costs_lines_only(tmp_path):
+    """Nobody at the port, nobody at the path: every log call returns at once and raises nothing."""
+    port_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    port_socket.bind(("127.0.0.1", 0))
+    port = port_socket.getsockname()[1]
+    port_socket.close()
+    targets = (("syslog:server=127.0.0.1:%d" % port, "debug"),
+               ("syslog:server=unix:%s" % (tmp_path / "nobody"), "debug"))
+    log = errorlog.ErrorLog(targets)
+    began = time.monotonic()
+    for n in range(2000):
+        log.log("info", "line %d" % n)
+    assert time.monotonic() - began < 5
+
+
+def test_memory_target_keeps_the_latest_lines():
+    log = errorlog.ErrorLog((("memory:4k", "debug"),))
+    for n in range(200):
+        log.log("debug", "line %03d" % n)
+    ring = bytes(errorlog.log_file("memory:4k").buffer)
+    assert b"line 199\n" in ring and b"line 000" not in ring
+
+
+def test_main_log_without_file_gets_the_default_file(tmp_path):
+    from mailproxy.conf import load_config
+
+    conf = tmp_path / "mailproxy.conf"
+    conf.write_text("error_log syslog:server=127.0.0.1 info;\nevents {}\n")
+    main = load_config(str(conf), str(tmp_path)).main
+    # nginx's ngx_log_open_default: syslog alone still leaves a file at the default level.
+    assert main.error_log == (("syslog:server=127.0.0.1", "info"), (str(tmp_path / "logs/error.log"), "error"))

@@ -243,7 +243,7 @@ def test_graceful_quit_waits_for_sessions(mailproxy_master):
     master = mailproxy_master(imap_config("127.0.0.1:%d" % port, main=NOTICE))
     held = imap_session(("127.0.0.1", port), hold=True)
     (worker,) = master.workers()
-    quitter = subprocess.Popen(master.command("quit"), env=master.env, stderr=subprocess.PIPE)
+    quitter = subprocess.Popen(master.command("quit", "--wait"), env=master.env, stderr=subprocess.PIPE)
     try:
         master.wait_log("[notice] %d#0: gracefully shutting down" % worker)
         assert cmdline(worker) == "mailproxy: worker process is shutting down"

@@ -94,3 +94,23 @@ def test_pop3_and_smtp(quickstart):
             break
         assert time.monotonic() < deadline, "message %s never reached bob: %r" % (token, bodies)
         time.sleep(0.1)
+
+
+def test_printed_commands_work_as_printed(quickstart):
+    """The curl line and the control commands the quick start prints, run exactly as printed."""
+    printed = [line.strip() for line in quickstart.splitlines()
+               if line.strip().startswith(("curl ", "mailproxy-master "))]
+    commands = {line.split()[-1]: line for line in printed if line.startswith("mailproxy-master ")}
+    assert sorted(commands) == ["quit", "reload", "reopen", "status", "stop"], printed
+    curl = [line for line in printed if line.startswith("curl ")]
+    assert len(curl) == 1
+    done = subprocess.run(curl[0] + " --max-time 20", shell=True, cwd=ROOT, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0 and "INBOX" in done.stdout, done.stdout + done.stderr
+    for name in ("status", "reopen", "reload", "status"):
+        done = subprocess.run(commands[name], shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (name, done.stdout, done.stderr)
+    # After the reload the proxy still serves.
+    imap = imaplib.IMAP4("127.0.0.1", 8143, timeout=20)
+    assert imap.login("alice@example.com", "wonderland")[0] == "OK"
+    imap.logout()

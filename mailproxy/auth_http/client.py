@@ -15,6 +15,10 @@ and nothing of the first reply was seen. Any later failure is reported, never re
 
 Errors are ``AuthHttpError`` carrying nginx's error-log text (``connect() to ... failed (111: ...)``,
 ``auth http server ... timed out (110: Connection timed out)``, ``recv() failed (...)``).
+
+``ask(request, debug)``: with error_log at debug the session passes its debug writer, and the transport
+says what it does (connect, reuse, each send and read, keep or close); the bytes themselves are never
+logged, since the request carries the password.
 """
 
 import errno
@@ -43,11 +47,12 @@ def _os_error(call: str, peer_text: str, exc: OSError) -> AuthHttpError:
 class _Connection:
     """One socket to the auth server with the deadline of the request it is serving."""
 
-    __slots__ = ("sock", "deadline")
+    __slots__ = ("sock", "deadline", "debug")
 
     def __init__(self, sock):
         self.sock = sock
         self.deadline = 0.0
+        self.debug = None
 
     def close(self):
         self.sock.close()
@@ -102,6 +107,24 @@ def _still_open(sock) -> bool:
     return False
 
 
+# The reply headers a debug line shows; Auth-Pass (the backend password) is named, never shown.
+_SHOWN = (("Auth-Status", "status"), ("Auth-Server", "server"), ("Auth-Port", "port"), ("Auth-User", "user"),
+          ("Auth-Wait", "wait"), ("Auth-Error-Code", "error_code"), ("Auth-Method", "method"),
+          ("Auth-SSL-Upstream", "ssl_upstream"))
+
+
+def reply_text(reply) -> str:
+    parts = ["mail auth http reply: %s" % (reply.http_status if reply.http_status is not None else "no status")]
+    for header, field in _SHOWN:
+        value = getattr(reply, field)
+        if value is not None:
+            shown = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+            parts.append('%s: "%s"' % (header, shown))
+    if reply.password is not None:
+        parts.append("Auth-Pass: (not logged)")
+    return ", ".join(parts)
+
+
 _pools = {}
 
 
@@ -138,32 +161,47 @@ class AuthHttpClient:
             os.strerror(errno.ETIMEDOUT),
         )
 
-    def ask(self, request: bytes):
-        """Send ``request`` (from ``request.build``) and return the ``AuthReply``."""
+    def ask(self, request: bytes, debug=None):
+        """Send ``request`` (from ``request.build``) and return the ``AuthReply``; ``debug(text)``, if
+        given, writes the session's debug lines."""
+        reply = self._ask(request, debug)
+        if debug:
+            debug(reply_text(reply))
+        return reply
+
+    def _ask(self, request, debug):
         deadline = _monotonic() + self.timeout
         if not self.keepalive:
-            conn = self._connect(deadline)
+            conn = self._connect(deadline, debug)
             try:
                 return self._exchange(conn, request, ReplyParser(self.peer))
             finally:
+                if debug:
+                    debug("close http auth connection: fd:%d" % conn.sock.fileno())
                 conn.close()
         conn = self.pool.take()
         if conn is not None:
             conn.deadline = deadline
+            conn.debug = debug
+            if debug:
+                debug("mail auth http reuses a kept-alive connection to %s, fd:%d" % (self.peer, conn.sock.fileno()))
             try:
                 return self._exchange_kept(conn, request, fresh=False)
             except _DeadBeforeReply:
+                if debug:
+                    debug("mail auth http kept-alive connection was closed by the server, asking again")
                 conn.close()
-        conn = self._connect(deadline)
+        conn = self._connect(deadline, debug)
         return self._exchange_kept(conn, request, fresh=True)
 
     # --- transport -------------------------------------------------------------------------------------
 
-    def _connect(self, deadline: float) -> _Connection:
+    def _connect(self, deadline: float, debug=None) -> _Connection:
         url = self.url
         sock = socket.socket(url.family, socket.SOCK_STREAM)
         conn = _Connection(sock)
         conn.deadline = deadline
+        conn.debug = debug
         try:
             sock.settimeout(self._remaining(conn))
             sock.connect(url.sockaddr)
@@ -173,6 +211,8 @@ class AuthHttpClient:
         except OSError as exc:
             sock.close()
             raise _os_error("connect()", self._connect_text, exc) from None
+        if debug:
+            debug("mail auth http connect to %s, fd:%d" % (self.peer, sock.fileno()))
         return conn
 
     def _remaining(self, conn: _Connection) -> float:
@@ -185,6 +225,8 @@ class AuthHttpClient:
         try:
             conn.sock.settimeout(self._remaining(conn))
             send_all(conn.sock, request)
+            if conn.debug:
+                conn.debug("mail auth http send: fd:%d %d bytes" % (conn.sock.fileno(), len(request)))
         except socket.timeout:
             raise AuthHttpError(self._timed_out) from None
         except OSError as exc:
@@ -193,7 +235,10 @@ class AuthHttpClient:
     def _recv(self, conn: _Connection) -> bytes:
         try:
             conn.sock.settimeout(self._remaining(conn))
-            return conn.sock.recv(RECV_SIZE)
+            data = conn.sock.recv(RECV_SIZE)
+            if conn.debug:
+                conn.debug("mail auth http recv: fd:%d %d of %d" % (conn.sock.fileno(), len(data), RECV_SIZE))
+            return data
         except socket.timeout:
             raise AuthHttpError(self._timed_out) from None
         except OSError as exc:
@@ -220,8 +265,13 @@ class AuthHttpClient:
             conn.close()
             raise
         if reply.reusable and self._drain_body(conn, reply, parser.body):
+            if conn.debug:
+                conn.debug("mail auth http keeps fd:%d alive" % conn.sock.fileno())
+            conn.debug = None  # the next session that takes it brings its own
             self.pool.give_back(conn)
         else:
+            if conn.debug:
+                conn.debug("close http auth connection: fd:%d" % conn.sock.fileno())
             conn.close()
         return reply
 

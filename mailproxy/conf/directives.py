@@ -5,8 +5,9 @@ Columns:
             the context named by `opens`)
   nargs     (min, max) argument count; max None = unbounded
   parse     values.py parser, called as parse(ctx, args)
-  default   value when neither the server nor mail block sets it; a callable is called at merge time
-            with the merged server values (defaults that depend on other directives or on the host)
+  default   value when the directive is not set (for mail directives: neither the server nor the mail
+            block sets it); a callable is called at merge time with the merged server values (defaults
+            that depend on other directives or on the host)
   repeat    what a second occurrence in the same block does:
               "dup"     error `"<name>" directive is duplicate`
               "append"  tuples concatenate (lists, in order)
@@ -25,6 +26,7 @@ from .settings import DEFAULT_PID, default_server_name, pagesize
 ANY = frozenset({"main", "events", "mail", "server"})
 MAIL = frozenset({"mail", "server"})
 MAIN = frozenset({"main"})
+EVENTS = frozenset({"events"})
 
 IMAP_AUTH = ("plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer")
 POP3_AUTH = ("plain", "apop", "cram-md5", "external", "xoauth2", "oauthbearer")
@@ -75,9 +77,29 @@ DIRECTIVES = (
     Directive("worker_shutdown_timeout", MAIN, ONE, v.time_msec, None),
     # Debian's nginx configs start with it; mailproxy has no dynamic modules, so it is accepted and dropped.
     Directive("load_module", MAIN, ONE, v.word, None, "append"),
+    Directive("worker_priority", MAIN, ONE, v.worker_priority, 0, "last"),
+    Directive("worker_cpu_affinity", MAIN, MORE, v.worker_cpu_affinity, None),
+    Directive("worker_rlimit_core", MAIN, ONE, v.offset, None),
+    Directive("working_directory", MAIN, ONE, v.word, None),
+    Directive("env", MAIN, ONE, v.env, (), "append"),
+    # Accepted for nginx's configurations; nothing in mailproxy for them to steer (README's table says why).
+    Directive("timer_resolution", MAIN, ONE, v.time_msec, None),
+    Directive("lock_file", MAIN, ONE, v.word, None),
+    Directive("debug_points", MAIN, ONE, v.enum("stop", "abort"), None),
+    Directive("pcre_jit", MAIN, ONE, v.flag, False),
+    Directive("thread_pool", MAIN, (2, 3), v.thread_pool, (), "append"),
+    Directive("ssl_engine", MAIN, ONE, v.word, None),
+    Directive("ssl_object_cache_inheritable", MAIN, ONE, v.flag, True),
     Directive("include", ANY, ONE, None),
     Directive("events", MAIN, (0, 0), None, opens="events"),
-    Directive("worker_connections", frozenset({"events"}), ONE, v.worker_connections, 512),
+    Directive("worker_connections", EVENTS, ONE, v.worker_connections, 512),
+    Directive("multi_accept", EVENTS, ONE, v.flag, False),
+    Directive("accept_mutex", EVENTS, ONE, v.flag, False),
+    Directive("accept_mutex_delay", EVENTS, ONE, v.time_msec, 0.5),
+    Directive("debug_connection", EVENTS, ONE, v.debug_connection, (), "append"),
+    Directive("use", EVENTS, ONE, v.event_type, "epoll"),
+    Directive("epoll_events", EVENTS, ONE, v.number, None),
+    Directive("worker_aio_requests", EVENTS, ONE, v.number, None),
     Directive("mail", MAIN, (0, 0), None, opens="mail"),
     # ngx_mail_core_module
     Directive("server", frozenset({"mail"}), (0, 0), None, opens="server"),
@@ -119,6 +141,8 @@ DIRECTIVES = (
     _mail("proxy_ssl_protocols", MORE, v.bitmask(*SSL_PROTOCOLS), frozenset({"TLSv1.2", "TLSv1.3"}), "or"),
     _mail("proxy_ssl_ciphers", ONE, v.word, "DEFAULT"),
     _mail("proxy_ssl_session_reuse", ONE, v.flag, True),
+    # The stream module's: SSL_CONF_cmd() on the backend context, (name, value, the config's directory).
+    _mail("proxy_ssl_conf_command", (2, 2), lambda ctx, args: (v.pair(ctx, args) + (ctx.conf_dir,),), (), "append"),
     # ngx_mail_imap_module, ngx_mail_pop3_module, ngx_mail_smtp_module
     _mail("imap_auth", MORE, v.bitmask(*IMAP_AUTH), frozenset({"plain"}), "or"),
     _mail("imap_capabilities", MORE, v.words, ("IMAP4", "IMAP4rev1", "UIDPLUS"), "append"),
@@ -156,7 +180,8 @@ DIRECTIVES = (
     _mail("ssl_client_certificate", ONE, v.conf_path, None),
     _mail("ssl_trusted_certificate", ONE, v.conf_path, None),
     _mail("ssl_crl", ONE, v.conf_path, None),
-    _mail("ssl_conf_command", (2, 2), lambda ctx, args: (v.pair(ctx, args),), (), "append"),
+    # (name, value, the config's directory): a file or directory value resolves against it, as nginx's do.
+    _mail("ssl_conf_command", (2, 2), lambda ctx, args: (v.pair(ctx, args) + (ctx.conf_dir,),), (), "append"),
     # ngx_mail_realip_module
     _mail("set_real_ip_from", ONE, v.network, (), "append"),
     # observability (ours, off by default): the master serves metrics; sessions write one line each

@@ -14,6 +14,8 @@ import os
 import socket
 import sys
 
+from mailproxy import log as errorlog
+
 from . import values
 from .directives import BY_NAME, DIRECTIVES
 from .lexer import END_BLOCK_END, END_FILE, ConfigError, location, statements
@@ -311,20 +313,45 @@ class Loader:
 
     def build(self):
         main = self.main.values
-        error_log = main.get("error_log") or ((os.path.join(self.prefix, DEFAULT_ERROR_LOG), "error"),)
+        default_log = (os.path.join(self.prefix, DEFAULT_ERROR_LOG), "error")
+        error_log = main.get("error_log") or (default_log,)
+        if not any(errorlog.is_file(target) for target, _ in error_log):
+            # nginx's ngx_log_open_default: syslog and memory logs alone still get the default file.
+            error_log += (default_log,)
+
+        def main_value(name, block=main):
+            return block.get(name, BY_NAME[name].default)
+
+        def events_value(name):
+            return main_value(name, self.events.values)
+
         settings = MainSettings(
-            worker_processes=main.get("worker_processes", 1),
+            worker_processes=main_value("worker_processes"),
             error_log=error_log,
             pid=main.get("pid") or os.path.join(self.prefix, DEFAULT_PID),
-            daemon=main.get("daemon", True),
-            master_process=main.get("master_process", True),
+            daemon=main_value("daemon"),
+            master_process=main_value("master_process"),
             user=main["user"] if "user" in main else default_user(),
-            worker_rlimit_nofile=main.get("worker_rlimit_nofile"),
-            worker_shutdown_timeout=main.get("worker_shutdown_timeout"),
-            worker_connections=self.events.values.get("worker_connections", 512),
+            worker_rlimit_nofile=main_value("worker_rlimit_nofile"),
+            worker_shutdown_timeout=main_value("worker_shutdown_timeout"),
+            worker_connections=events_value("worker_connections"),
             metrics_listen=self.mail.values.get("metrics_listen") if self.mail else None,
             mail_login_limit_zones=self.mail.values.get("mail_login_limit_zone", ()) if self.mail else (),
+            worker_priority=main_value("worker_priority"),
+            worker_cpu_affinity=main_value("worker_cpu_affinity"),
+            worker_rlimit_core=main_value("worker_rlimit_core"),
+            working_directory=main_value("working_directory"),
+            env=main_value("env"),
+            multi_accept=events_value("multi_accept"),
+            accept_mutex=events_value("accept_mutex"),
+            accept_mutex_delay=events_value("accept_mutex_delay"),
+            debug_connection=events_value("debug_connection"),
         )
+        affinity = settings.worker_cpu_affinity
+        if affinity and not affinity[0] and len(affinity[1]) not in (1, settings.worker_processes):
+            # nginx says it once the configuration is read, without a file:line.
+            self.warn('the number of "worker_processes" is not equal to the number of "worker_cpu_affinity" '
+                      'masks, using last mask for remaining worker processes')
         servers = tuple(self.server_settings(block, m, error_log) for block, m in self.servers)
         return Config(path=self.path, prefix=self.prefix, main=settings, servers=servers,
                       files=tuple(self.files), warnings=tuple(self.warnings))
@@ -375,9 +402,22 @@ def _say(stream, text):
         stream.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + "\n")
 
 
-def check(path, prefix=None, directives=None, dump=False, out=sys.stdout, err=sys.stderr):
-    """`-t` / `-T`: report on the configuration as nginx does; returns the exit status."""
+def check(path, prefix=None, directives=None, dump=False, out=sys.stdout, err=sys.stderr, probe=None,
+          quiet=False):
+    """`-t` / `-T`: report on the configuration as nginx does; returns the exit status.
+
+    `probe(config)` then opens what nginx -t opens once the syntax is ok (the pid and log files),
+    raising ConfigError with nginx's words when it cannot. `quiet` (-q) keeps only the errors.
+    """
     shown = os.path.abspath(path)
+
+    def failed(exc, warnings=()):
+        for warning in warnings:
+            _say(err, "%s: %s" % (NAME, warning))
+        _say(err, "%s: [emerg] %s" % (NAME, exc))
+        _say(err, "%s: configuration file %s test failed" % (NAME, shown))
+        return 1
+
     try:
         config = load_config(path, prefix, directives)
         # Certificates and keys are read here, not in load_config, so that -t reports bad files.
@@ -385,15 +425,18 @@ def check(path, prefix=None, directives=None, dump=False, out=sys.stdout, err=sy
 
         tls.prepare(config)
     except ConfigError as exc:
-        for warning in getattr(exc, "warnings", ()):
-            _say(err, "%s: %s" % (NAME, warning))
-        _say(err, "%s: [emerg] %s" % (NAME, exc))
-        _say(err, "%s: configuration file %s test failed" % (NAME, shown))
-        return 1
+        return failed(exc, getattr(exc, "warnings", ()))
     for warning in config.warnings:
         _say(err, "%s: %s" % (NAME, warning))
-    _say(err, "%s: the configuration file %s syntax is ok" % (NAME, shown))
-    _say(err, "%s: configuration file %s test is successful" % (NAME, shown))
+    if not quiet:
+        _say(err, "%s: the configuration file %s syntax is ok" % (NAME, shown))
+    if probe is not None:
+        try:
+            probe(config)
+        except ConfigError as exc:
+            return failed(exc)
+    if not quiet:
+        _say(err, "%s: configuration file %s test is successful" % (NAME, shown))
     if dump:
         for file, text in config.files:
             _say(out, "# configuration file %s:" % file)

@@ -90,6 +90,19 @@ class MainSettings:
     metrics_listen: Optional[tuple] = None
     # mail-level `mail_login_limit_zone` (ours): ((name, size in bytes), ...), created before fork
     mail_login_limit_zones: tuple = ()
+    # what each worker sets up before it serves (nginx's ngx_worker_process_init)
+    worker_priority: int = 0
+    worker_cpu_affinity: Optional[tuple] = None  # (auto, masks): each mask a tuple of CPU numbers
+    worker_rlimit_core: Optional[int] = None
+    working_directory: Optional[str] = None
+    env: tuple = ()  # ((name, value or None), ...): None keeps the master's value
+    # events {}
+    multi_accept: bool = False
+    accept_mutex: bool = False
+    accept_mutex_delay: float = 0.5
+    # `debug_connection`: clients logged at debug level whatever error_log says; ip networks and/or
+    # "unix:" (connections on unix sockets), in file order
+    debug_connection: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,7 @@ class ServerSettings:
     proxy_ssl_protocols: frozenset
     proxy_ssl_ciphers: str
     proxy_ssl_session_reuse: bool
+    proxy_ssl_conf_command: tuple
     # ngx_mail_imap_module, ngx_mail_pop3_module, ngx_mail_smtp_module
     imap_auth: frozenset
     imap_capabilities: tuple

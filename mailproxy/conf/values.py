@@ -12,9 +12,13 @@ import os
 import pwd
 import socket
 
+from mailproxy import log as errorlog
+
 from .settings import AuthHttpUrl, Listen, LoginLimit
 
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
+DEBUG_LEVELS = ("debug_core", "debug_alloc", "debug_mutex", "debug_event", "debug_http", "debug_mail",
+                "debug_stream")
 UNIX_PATH_MAX = 108
 # nginx keeps times in a signed 32-bit int of milliseconds (or seconds for *_sec slots).
 INT32_MAX = 2**31 - 1
@@ -259,14 +263,148 @@ def error_log(ctx, args):
     target = args[0]
     if target != "stderr" and not target.startswith(("syslog:", "memory:")):
         target = os.path.normpath(os.path.join(ctx.prefix, target))
+    try:
+        errorlog.check_target(target)
+    except errorlog.TargetError as exc:
+        raise BadValue(str(exc)) from None
     level = None
+    debug_modules = False
     for arg in args[1:]:
+        if arg in DEBUG_LEVELS:
+            # nginx's per-module debug bits: mailproxy's debug lines are not split by module, any turns all on.
+            if level is not None:
+                raise BadValue('invalid log level "%s"' % arg)
+            debug_modules = True
+            continue
         if arg not in LOG_LEVELS:
             raise BadValue('invalid log level "%s"' % arg)
-        if level is not None:
+        if level is not None or debug_modules:
             raise BadValue('duplicate log level "%s"' % arg)
         level = arg
-    return ((target, level or "error"),)
+    return ((target, "debug" if debug_modules else level or "error"),)
+
+
+# CPU_SETSIZE of glibc: nginx refuses longer masks.
+CPU_SETSIZE = 1024
+# nginx's NGX_MAX_OFF_T_VALUE: an off_t is signed 64 bits.
+MAX_OFF_T = 2**63 - 1
+# Linux builds of nginx have the epoll module only (select and poll are left out when epoll exists).
+EVENT_TYPES = ("epoll",)
+
+
+def parse_offset(text):
+    """nginx's ngx_parse_offset: bytes with an optional k, m or g (any case), or None if invalid."""
+    scale = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}.get(text[-1:].lower())
+    digits = text[:-1] if scale else text
+    value = parse_number(digits)
+    if value is None or value * (scale or 1) > MAX_OFF_T:
+        return None
+    return value * (scale or 1)
+
+
+def offset(ctx, args):
+    value = parse_offset(args[0])
+    if value is None:
+        raise BadValue('"%s" directive invalid value' % ctx.name)
+    return value
+
+
+def worker_priority(ctx, args):
+    """`[-+]N` -> int; nginx calls a second one duplicate only when the first was not 0."""
+    if ctx.previous:
+        raise BadValue('"worker_priority" directive is duplicate')
+    text = args[0]
+    sign = -1 if text[:1] == "-" else 1
+    value = parse_number(text[1:] if text[:1] in "-+" else text)
+    if value is None or value > INT32_MAX:
+        raise BadValue('"worker_priority" directive invalid number')
+    return sign * value
+
+
+def worker_cpu_affinity(ctx, args):
+    """`auto [mask]` or `mask ...` -> (auto, masks): each mask a tuple of CPU numbers.
+
+    Masks read right to left, the rightmost digit being CPU 0; spaces inside a mask are skipped.
+    """
+    auto = args[0] == "auto"
+    texts = args[1:] if auto else args
+    if auto and len(texts) > 1:
+        raise BadValue('invalid number of arguments in "worker_cpu_affinity" directive')
+    masks = []
+    for text in texts:
+        if len(text) > CPU_SETSIZE:
+            raise BadValue('"worker_cpu_affinity" supports up to %d CPUs only' % CPU_SETSIZE)
+        cpus = []
+        for cpu, ch in enumerate(ch for ch in reversed(text) if ch != " "):
+            if ch == "1":
+                cpus.append(cpu)
+            elif ch != "0":
+                raise BadValue('invalid character "%s" in "worker_cpu_affinity"' % ch)
+        masks.append(tuple(cpus))
+    if auto and not masks:
+        masks.append(tuple(range(min(online_cpus(), CPU_SETSIZE))))
+    return (auto, tuple(masks))
+
+
+def online_cpus():
+    """nginx's ngx_ncpu: the CPUs online now, which `auto` spreads workers over."""
+    try:
+        return max(1, os.sysconf("SC_NPROCESSORS_ONLN"))
+    except (ValueError, OSError):
+        return os.cpu_count() or 1
+
+
+def env(ctx, args):
+    """`NAME` keeps the variable for the workers, `NAME=value` sets it -> ((name, value or None),)."""
+    name, eq, value = args[0].partition("=")
+    return ((name, value if eq else None),)
+
+
+def thread_pool(ctx, args):
+    """`name threads=N [max_queue=N]` -> ((name, threads, max_queue),); unknown parameters pass, as
+    nginx lets them."""
+    name = args[0]
+    if any(previous[0] == name for previous in ctx.previous):
+        raise BadValue('duplicate thread pool "%s"' % name)
+    threads, max_queue = 0, 65536
+    for arg in args[1:]:
+        if arg.startswith("threads="):
+            threads = parse_number(arg[8:])
+            if not threads or threads > INT32_MAX:
+                raise BadValue('invalid threads value "%s"' % arg)
+        elif arg.startswith("max_queue="):
+            max_queue = parse_number(arg[10:])
+            if max_queue is None or max_queue > INT32_MAX:
+                raise BadValue('invalid max_queue value "%s"' % arg)
+    if not threads:
+        raise BadValue('"thread_pool" must have "threads" parameter')
+    return ((name, threads, max_queue),)
+
+
+def event_type(ctx, args):
+    if args[0] not in EVENT_TYPES:
+        raise BadValue('invalid event type "%s"' % args[0])
+    return args[0]
+
+
+def debug_connection(ctx, args):
+    """An address, a CIDR network, `unix:` or a host name -> tuple of ip networks and/or "unix:"."""
+    text = args[0]
+    if text == "unix:":
+        return ("unix:",)
+    address, slash, bits = text.partition("/")
+    # nginx's ngx_ptocidr takes a prefix length only (no netmask); anything else is a host name.
+    if not slash or (bits.isascii() and bits.isdigit()):
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            net = None
+        if net is not None:
+            if slash and net.network_address != ipaddress.ip_address(address):
+                ctx.warn("low address bits of %s are meaningless" % text)
+            return (net,)
+    found = _resolve(text, 'debug_connection "%s"' % text)
+    return tuple(ipaddress.ip_network(ip) for _, ip in found)
 
 
 # --- addresses ------------------------------------------------------------------------------------------
