@@ -7,7 +7,6 @@ idle relayed session costs no greenlet stack.
 """
 
 import errno
-import ipaddress
 import select
 import socket
 import ssl
@@ -133,7 +132,8 @@ class Session:
     def use_log(self, server):
         """The server's error_log; a client listed in debug_connection gets every level on it."""
         self.error_log = self.worker.log_for(server)
-        if _debug_client(self.client_ip, self.worker.config.main.debug_connection):
+        # debug_connection: the client's own address (before any PROXY header), nginx's networks test.
+        if proxy_protocol.trusted(self.client_ip, self.worker.config.main.debug_connection):
             self.error_log = errorlog.ConnectionLog(self.error_log)
         # Checked before a debug line's text is even formatted: at other levels they cost one test.
         self.debugging = self.error_log.enabled("debug")
@@ -632,19 +632,6 @@ class Session:
                 from_client, to_client, self.started,
             )
 
-
-def _debug_client(ip, listed):
-    """debug_connection: the client's own address (before any PROXY header) in a listed network, or
-    "unix:" for a unix socket listen."""
-    if not listed:
-        return False
-    if ip == "unix:":
-        return "unix:" in listed
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(not isinstance(net, str) and address.version == net.version and address in net for net in listed)
 
 
 def _address_text(peer, listen):

@@ -196,6 +196,19 @@ def wait_for(predicate, timeout=10.0, what="condition"):
         time.sleep(0.01)
 
 
+def wait_listening(port, process, what, timeout=20.0):
+    """Readiness of a server the test started: its port accepts; fails at once if it died instead."""
+    def accepts():
+        assert process.poll() is None, "%s exited with %s" % (what, process.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    wait_for(accepts, timeout, "%s to listen" % what)
+
+
 def wait_pid_exit(pid, timeout=10.0):
     import select
 

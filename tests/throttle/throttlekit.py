@@ -1,5 +1,5 @@
 """Helpers the throttling tests share (their fixtures are in conftest.py): a tiny IMAP backend for
-the logins that succeed, and readiness of the processes they start."""
+the logins that succeed; readiness of the processes they start is tests/conftest.py's wait_listening."""
 
 import os
 import socket
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from mailproxy_testing import wait_for
+from mailproxy_testing import wait_listening  # noqa: F401  (the throttle tests import it from here)
 
 
 def require(what, present):
@@ -16,19 +16,6 @@ def require(what, present):
         if os.environ.get("CI") == "true":
             pytest.fail("%s is required in CI" % what)
         pytest.skip("%s is not installed" % what)
-
-
-def wait_listening(port, process, what):
-    """Readiness: the port accepts; fails at once if the process died instead."""
-    def accepts():
-        assert process.poll() is None, "%s exited with %s" % (what, process.returncode)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        except OSError:
-            return False
-        return True
-
-    wait_for(accepts, 20, "%s to listen" % what)
 
 
 class TinyImapBackend:
