@@ -436,6 +436,7 @@ class Master:
             self.log.log("alert", 'rename() "%s" to "%s" failed %s, binary is not changed'
                          % (pid_path, pid_path + OLDBIN, errorlog.os_error_text(exc)))
             return
+        self.observer.follow_pid_file(pid_path + OLDBIN)
         fds = [sock.fileno() for sock in self.listeners.all_sockets()]
         env = dict(os.environ)
         env[INHERIT_ENV] = "".join("%d;" % fd for fd in fds)
@@ -467,6 +468,8 @@ class Master:
         except OSError as exc:
             self.log.log("alert", 'rename() "%s" back to "%s" failed %s'
                          % (pid_path + OLDBIN, pid_path, errorlog.os_error_text(exc)))
+        else:
+            self.observer.follow_pid_file(pid_path)
         self.new_binary = 0
         if self.noaccepting and self.state == "running":
             # The upgrade failed or was rolled back while this master's workers were gone: serve again.

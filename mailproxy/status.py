@@ -154,6 +154,12 @@ class Observer:
         else:
             fds.append(fd)
 
+    def follow_pid_file(self, pid_path):
+        """The status socket sits beside the pid file: an upgrade renames that to `.oldbin` (and back on
+        a roll-back), and the socket follows, so that each master answers at its own pid file's name
+        and `status` asks the one the pid file names."""
+        self._bind_status(socket_path(pid_path))
+
     def _bind_status(self, path):
         if path == self.status_path:
             return

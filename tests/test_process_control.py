@@ -388,6 +388,9 @@ def test_upgrade_on_the_fly_under_load_then_roll_back(mailproxy_master):
             assert "[notice] %d#0: signal 12 (SIGUSR2) received from %d, changing binary" % (old, os.getpid()) in log
             assert "[notice] %d#0: using inherited sockets from " % new in log
             assert "[notice] %d#0: mailproxy/9.9.9+" % new in log
+            # `status` asks the master the pid file names; the old one answers beside `.oldbin`.
+            shown = master.cli("status")
+            assert shown.returncode == 0 and "master process %d" % new in shown.stdout, shown.stdout + shown.stderr
             count = len(served)
             wait_for(lambda: len(served) > count + 20 or failures, timeout=60, what="sessions on both masters")
 
@@ -415,6 +418,8 @@ def test_upgrade_on_the_fly_under_load_then_roll_back(mailproxy_master):
             wait_for(lambda: not os.path.exists(master.pid_file + ".oldbin"), what="the pid file renamed back")
             with open(master.pid_file) as handle:
                 assert int(handle.read()) == old
+            shown = master.cli("status")
+            assert shown.returncode == 0 and "master process %d" % old in shown.stdout, shown.stdout + shown.stderr
             count = len(served)
             wait_for(lambda: len(served) > count + 20 or failures, timeout=60, what="sessions after the roll-back")
             client = imap_session(("127.0.0.1", port), hold=True)
