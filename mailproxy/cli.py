@@ -433,11 +433,12 @@ def run(argv):
         sys.stderr.write("\n".join(version_lines(opts.get("build"))) + "\n")
         return 0
     if opts.get("test") or opts.get("dump"):
+        from mailproxy import tls
         from mailproxy.conf.load import check
 
         path, prefix, directives = conf_location(opts)
         return check(path, prefix, directives, bool(opts.get("dump")), sys.stdout, sys.stderr,
-                     probe=probe_files, quiet=bool(opts.get("quiet")))
+                     probe=probe_files, quiet=bool(opts.get("quiet")), prepare=tls.prepare)
     command = opts["command"]
     if command == "start":
         return start(opts)

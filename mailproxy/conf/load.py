@@ -403,11 +403,14 @@ def _say(stream, text):
 
 
 def check(path, prefix=None, directives=None, dump=False, out=sys.stdout, err=sys.stderr, probe=None,
-          quiet=False):
+          quiet=False, prepare=None):
     """`-t` / `-T`: report on the configuration as nginx does; returns the exit status.
 
-    `probe(config)` then opens what nginx -t opens once the syntax is ok (the pid and log files),
-    raising ConfigError with nginx's words when it cannot. `quiet` (-q) keeps only the errors.
+    `prepare(config)` reads what the configuration names before its syntax is declared ok (the command
+    line passes the TLS preparation: certificates, keys, OpenSSL settings), so that -t reports bad files
+    as nginx does; this package itself knows nothing of TLS. `probe(config)` then opens what nginx -t
+    opens once the syntax is ok (the pid and log files). Both raise ConfigError with nginx's words.
+    `quiet` (-q) keeps only the errors.
     """
     shown = os.path.abspath(path)
 
@@ -420,10 +423,8 @@ def check(path, prefix=None, directives=None, dump=False, out=sys.stdout, err=sy
 
     try:
         config = load_config(path, prefix, directives)
-        # Certificates and keys are read here, not in load_config, so that -t reports bad files.
-        from mailproxy import tls
-
-        tls.prepare(config)
+        if prepare is not None:
+            prepare(config)
     except ConfigError as exc:
         return failed(exc, getattr(exc, "warnings", ()))
     for warning in config.warnings:

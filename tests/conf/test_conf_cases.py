@@ -15,6 +15,7 @@ import subprocess
 
 import pytest
 
+from mailproxy import tls
 from mailproxy.conf import ConfigError, check, load_config
 
 CASES = os.path.join(os.path.dirname(__file__), "cases")
@@ -69,7 +70,8 @@ def test_case_load_config(name, tmp_path):
 def test_case_check_output(name, tmp_path):
     path, expect = read_case(name)
     out, err = io.StringIO(), io.StringIO()
-    status = check(path, prefix=str(tmp_path), out=out, err=err)
+    # As the command line runs it: with the TLS preparation, which the conf package leaves to it.
+    status = check(path, prefix=str(tmp_path), out=out, err=err, prepare=tls.prepare)
     lines = err.getvalue().splitlines()
     warn_lines = ["mailproxy: " + w for w in expect["warn"]]
     emerg = expect.get("check_emerg") or expect["emerg"]

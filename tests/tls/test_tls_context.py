@@ -25,7 +25,7 @@ def server_settings(tmp_path, body, listen="listen 127.0.0.1:8993 ssl;"):
 
 def check_output(tmp_path, body):
     err = io.StringIO()
-    status = check(write_conf(tmp_path, body), prefix=str(tmp_path), out=io.StringIO(), err=err)
+    status = check(write_conf(tmp_path, body), prefix=str(tmp_path), out=io.StringIO(), err=err, prepare=tls.prepare)
     return status, err.getvalue().splitlines()
 
 
