@@ -2,6 +2,8 @@
 
     python -m bench.tls_relay            # 3 rounds: 1 GiB streams, 8 x 128 MiB, 2,000 IMAPS logins at c=50
     python -m bench.tls_relay --quick    # 1 round, 128 MiB streams; prints the table, writes no file
+    MAILPROXY_TLS_PUMP=off python -m bench.tls_relay --output bench/results/tls_relay_copy.md
+                                         # mailproxy's TLS sessions through the Python copy loop
 
 One worker per engine, engines alternating nginx, mailproxy in every round, each on a fresh start, with
 the shared bench's `mail {}` block plus TLS servers of its own (bench/engines.py `servers=`):
@@ -12,7 +14,14 @@ the shared bench's `mail {}` block plus TLS servers of its own (bench/engines.py
 * backend TLS and TLS on both sides, mailproxy only (`proxy_ssl on`; nginx's mail proxy talks plain TCP
   to its backends): servers with an `auth_http` of their own, pointing at a second auth server that
   sends every session to a second bench backend speaking implicit TLS (bench/backend.py --tls);
-* the plaintext relay of the same run, as each engine's reference for what TLS costs.
+* the plaintext relay of the same run, as each engine's reference for what TLS costs;
+* session latency at c=1 over implicit TLS for IMAPS, POP3S and SMTPS (`ssl` servers of each protocol,
+  both engines): the time from connect to the server's close, handshake and protocol exchange included,
+  where a reply held back by Nagle's algorithm for the client's delayed ACK shows as ~40 ms.
+
+mailproxy relays TLS sessions through its TLS pump (mailproxy/_openssl.pyx) when the OpenSSL bridge is
+active; MAILPROXY_TLS_PUMP=off in the bench's environment (inherited by the engine) runs the Python copy
+loop instead, for a before/after of the same machine.
 
 A P-256 self-signed certificate is made at start in a temporary directory (both engines' masters load
 it as root before any worker starts) and removed at the end. The "ceiling" column is the same load
@@ -44,8 +53,8 @@ from bench import engines, load, report
 from bench.__main__ import Progress
 
 RESULTS = os.path.join(engines.ROOT, "bench", "results", "tls_relay.md")
-FULL = dict(rounds=3, logins=2000, stream=1 << 30, parallel=(8, 128 << 20))
-QUICK = dict(rounds=1, logins=200, stream=128 << 20, parallel=(8, 16 << 20))
+FULL = dict(rounds=3, logins=2000, stream=1 << 30, parallel=(8, 128 << 20), latency=300)
+QUICK = dict(rounds=1, logins=200, stream=128 << 20, parallel=(8, 16 << 20), latency=50)
 CONCURRENCY = 50
 NGINX_CANNOT = "nginx cannot: its mail proxy talks plain TCP to backends"
 
@@ -55,6 +64,13 @@ NGINX_CANNOT = "nginx cannot: its mail proxy talks plain TCP to backends"
 # nginx 1.22's default stops at TLSv1.2 while mailproxy's includes TLSv1.3: both must negotiate the same.
 IMAPS = ("server { listen 127.0.0.1:%%(port)d ssl; protocol imap; ssl_protocols TLSv1.2 TLSv1.3; "
          "ssl_certificate %(cert)s; ssl_certificate_key %(key)s; }")
+POP3S = ("server { listen 127.0.0.1:%%(port)d ssl; protocol pop3; ssl_protocols TLSv1.2 TLSv1.3; "
+         "ssl_certificate %(cert)s; ssl_certificate_key %(key)s; }")
+SMTPS = ("server { listen 127.0.0.1:%%(port)d ssl; protocol smtp; smtp_auth plain; "
+         "ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate %(cert)s; ssl_certificate_key %(key)s; }")
+# (row name, server name, load op, client speaks TLS): c=1 latency, the plaintext IMAP row for reference.
+LATENCY = [("IMAPS session c=1", "imaps", "imap", True), ("POP3S session c=1", "pop3s", "pop3", True),
+           ("SMTPS session c=1", "smtps", "smtp", True), ("IMAP (plaintext) session c=1", "imap", "imap", False)]
 BACKEND_TLS = ("server { listen 127.0.0.1:%%(port)d; protocol imap; auth_http 127.0.0.1:%(auth)d/auth; "
                "proxy_ssl on; proxy_ssl_verify off; }")
 BOTH_TLS = ("server { listen 127.0.0.1:%%(port)d ssl; protocol imap; ssl_protocols TLSv1.2 TLSv1.3; "
@@ -141,6 +157,15 @@ def scenarios(plan, engine, record, progress):
                                                               result["errors"]))
     progress.step("%s: %s" % (engine.label, name))
 
+    for row, server, op, tls in LATENCY:
+        load.logins(ports[server], 10, 1, op=op, tls=tls)  # warm-up
+        result = load.logins(ports[server], plan["latency"], 1, op=op, tls=tls)
+        record(row + " p50", "ms", result["p50_ms"])
+        record(row + " p99", "ms", result["p99_ms"])
+        if result["failed"]:
+            record(row + " failed", "count", result["failed"])
+    progress.step("%s: latency c=1" % engine.label)
+
     def one_down(prefix):
         return [("%s relay 1 stream down" % prefix, 1, plan["stream"], "down")]
 
@@ -158,26 +183,30 @@ def scenarios(plan, engine, record, progress):
 
 def run(plan, cert, key):
     rows, warnings, ciphers = [], [], {}
-    # Steps: ceiling 5; nginx 5 (logins, 3 client-TLS runs, plaintext); mailproxy 7 (and backend TLS,
-    # both sides); one "done" per engine.
-    per_round = 5 + 5 + 7 + 2
+    # Steps: ceiling 5; nginx 6 (logins, latency, 3 client-TLS runs, plaintext); mailproxy 8 (and
+    # backend TLS, both sides); one "done" per engine.
+    per_round = 5 + 6 + 8 + 2
     progress = Progress(plan["rounds"] * per_round)
     helpers = []
     try:
         backends = {}
-        for kind, extra in (("plain", []), ("tls", ["--tls", cert, key])):
+        for kind, protocol, extra in (("plain", "imap", []), ("tls", "imap", ["--tls", cert, key]),
+                                      ("pop3", "pop3", []), ("smtp", "smtp", [])):
             backend, backends[kind] = engines.start_printing_port(
-                [sys.executable, "-m", "bench.backend", "imap"] + extra, "bench %s IMAP backend" % kind)
+                [sys.executable, "-m", "bench.backend", protocol] + extra, "bench %s backend" % kind)
             helpers.append(backend)
         auth_ports = {}
-        for kind in ("plain", "tls"):
+        # The plain auth server also sends POP3S and SMTPS sessions to plaintext backends of theirs.
+        for kind, ports in (("plain", ("plain", "pop3", "smtp")), ("tls", ("tls",))):
             auth, auth_ports[kind] = engines.start_printing_port(
-                [sys.executable, "-m", "bench.authserver", str(backends[kind])], "bench %s auth server" % kind)
+                [sys.executable, "-m", "bench.authserver"] + [str(backends[p]) for p in ports],
+                "bench %s auth server" % kind)
             helpers.append(auth)
         files = dict(cert=cert, key=key, auth=auth_ports["tls"])
-        servers = {"nginx": {"imaps": IMAPS % files},
-                   "mailproxy": {"imaps": IMAPS % files, "imap_backend_tls": BACKEND_TLS % files,
-                                 "imaps_both": BOTH_TLS % files}}
+        implicit = {"imaps": IMAPS % files, "pop3s": POP3S % files, "smtps": SMTPS % files}
+        servers = {"nginx": dict(implicit),
+                   "mailproxy": dict(implicit, **{"imap_backend_tls": BACKEND_TLS % files,
+                                 "imaps_both": BOTH_TLS % files})}
         for rnd in range(1, plan["rounds"] + 1):
             def record_direct(metric, unit, value, rnd=rnd):
                 rows.append(dict(round=rnd, engine="ceiling", metric=metric, unit=unit, value=value))
@@ -259,6 +288,17 @@ def _note(metric, med):
     return "%s %s" % (", ".join(parts), what) if parts else ""
 
 
+def relay_engine():
+    """How mailproxy relays TLS sessions in this run (the engine inherits the bench's environment)."""
+    from mailproxy import relay, tls
+
+    if relay.TLS_PUMP_AVAILABLE:
+        return "the TLS pump (mailproxy/_openssl.pyx; the OpenSSL bridge is active)"
+    if tls.bridge is None:
+        return "the Python copy loop (the OpenSSL bridge is off: %s)" % tls.bridge_off_reason
+    return "the Python copy loop (MAILPROXY_TLS_PUMP=off)"
+
+
 def nginx_cannot(metric, med):
     return med.get(("nginx", metric)) is None and med.get(("mailproxy", metric)) is not None
 
@@ -285,8 +325,11 @@ def document(rows, warnings, ciphers, plan, command, seconds, loads):
         "row covers its three runs). Backend TLS: the backend is bench/backend.py --tls (Python's ssl "
         "under gevent), the engine's client side `proxy_ssl on; proxy_ssl_verify off;`. Certificate: "
         "self-signed P-256; `ssl_protocols TLSv1.2 TLSv1.3` on both engines (what each negotiated is "
-        "listed below), their default ciphers."
-        % (format(plan["logins"], ","), CONCURRENCY, plan["stream"] >> 20, count, size >> 20), "",
+        "listed below), their default ciphers. Session c=1: %d sessions one after another per protocol "
+        "and engine over implicit TLS (full handshake each), p50/p99 from connect to the server's close. "
+        "mailproxy's TLS relay: %s."
+        % (format(plan["logins"], ","), CONCURRENCY, plan["stream"] >> 20, count, size >> 20,
+           plan["latency"], relay_engine()), "",
         table(rows, plan["rounds"]).rstrip(), "",
         "Load clients, backends and engines share the machine's cores (and other people's test runs: "
         "one-minute load average %.1f at the start, %.1f at the end), so rates are noisy and relative, not "

@@ -9,11 +9,16 @@ Shape, and why:
   login greenlets), against nginx's ~11 KiB and a two-greenlet relay's ~29 KiB.
 * Plain sessions move bytes with splice(2) through a pipe borrowed from a per-process pool only while a
   direction has bytes in flight, and returned as soon as the pipe is empty (mailproxy/_splice.pyx).
-* TLS on either side (client, backend, or both) cannot be spliced, so those sessions (and any session whose kernel refuses splice with
-  EINVAL, or a process started with MAILPROXY_NO_SPLICE=1) use one user-space loop: read into a shared
-  per-process scratch buffer, send at once, and keep a private copy only of what the peer did not take.
-  Reads there are bounded as nginx bounds them: client_buffer client->backend, proxy_buffer
-  backend->client. The splice path has no user buffer; its pipe (PIPE_SIZE) plays that part.
+* TLS on either side (client, backend, or both) cannot be spliced. When the OpenSSL bridge is active
+  (mailproxy/tls.py: `bridge`), such a session's directions run the TLS pump (mailproxy/_openssl.pyx,
+  TlsPump): SSL_read/SSL_write, or recv/send on a plain side, in C with the GIL released, until
+  something would block or the budget is spent; bytes a peer did not take wait in a buffer of at most
+  one read, freed as soon as they are delivered. Without the bridge (or with MAILPROXY_TLS_PUMP=off),
+  and for any session whose kernel refuses splice with EINVAL or a process started with
+  MAILPROXY_NO_SPLICE=1, one user-space loop does the same in Python: read into a shared per-process
+  scratch buffer, send at once, and keep a private copy only of what the peer did not take. Reads on
+  both are bounded as nginx bounds them: client_buffer client->backend, proxy_buffer backend->client.
+  The splice path has no user buffer; its pipe (PIPE_SIZE) plays that part.
 * Readiness comes from the gevent hub, not from an event loop of our own in C. Measured with
   bench/relay_throughput.py on this (2-CPU, shared) host: a 1 GiB stream costs 560-770 pump calls, each
   wrapped in ~9 us of Python (callback, run, re-arm) around the system calls, i.e. <0.01 CPU-s/GiB of a
@@ -49,6 +54,20 @@ else:
         ) from exc
 
 SPLICE_AVAILABLE = _splice is not None
+
+
+def _tls_pump_bridge():
+    # The pump reaches the SSL behind Python's objects, so it runs only where mailproxy/tls.py found
+    # the bridge's layout and library checks to hold; elsewhere TLS sessions keep the copy loop.
+    if os.environ.get("MAILPROXY_TLS_PUMP", "").lower() == "off":
+        return None
+    from mailproxy import tls
+
+    return tls.bridge
+
+
+_tls_bridge = _tls_pump_bridge()
+TLS_PUMP_AVAILABLE = _tls_bridge is not None
 
 # Pool pipe capacity, chosen by bench/relay_throughput.py (relay process CPU-s per GiB on this 2-CPU host,
 # 3 runs each, 1 x 1 GiB / 8 x 128 MiB): 64 KiB 0.52-0.63 / 0.58-0.64, 256 KiB 0.29-0.33 / 0.42-0.49,
@@ -135,7 +154,7 @@ class _Direction:
     __slots__ = (
         "recv_into", "send", "src_fd", "dst_fd", "src_ssl", "bufsize", "backlog", "scratch_view",
         "pipe", "use_splice", "moved", "eof", "eof_reason", "need",
-        "src_read", "src_write", "dst_read", "dst_write",
+        "src_read", "src_write", "dst_read", "dst_write", "tls_pump", "pump_needs",
     )
 
     def __init__(self, src, src_fd, dst, dst_fd, src_tls, dst_tls, pending, bufsize, eof_reason, from_client):
@@ -159,11 +178,37 @@ class _Direction:
         else:
             self.src_read, self.src_write, self.dst_read, self.dst_write = BR, BW, CR, CW
         self.need = self.src_read | self.dst_write
+        self.tls_pump = None
+        # A kTLS direction (both ends plain to user space once the kernel encrypts) would be chosen
+        # here and spliced; see the seam described in mailproxy/_openssl.pyx.
+        if (src_tls or dst_tls) and _tls_bridge is not None:
+            self.tls_pump = _tls_bridge.TlsPump(src if src_tls else None, src_fd, dst if dst_tls else None,
+                                                dst_fd, self.bufsize, self.backlog)
+            self.backlog = None
+            # Indexed by the pump's status (PUMP_AGAIN_SRC ... PUMP_BUDGET_PENDING; PUMP_EOF ends).
+            self.pump_needs = (self.src_read, self.src_write, self.dst_write, self.dst_read, 0,
+                               self.src_read, self.src_read | AGAIN)
 
     def run(self):
+        if self.tls_pump is not None:
+            return self._pump_tls()
         if self.use_splice:
             return self._splice()
         return self._copy()
+
+    def _pump_tls(self):
+        try:
+            moved, status = self.tls_pump.run(BUDGET)
+        except OSError as exc:
+            # PumpSyscallError or the pump's ssl.SSLError, worded as the copy path words its own. The
+            # pump reads only once nothing is held, so a read error (nginx: an EOF) leaves nothing
+            # undelivered, and a write error ends at once.
+            self.moved += exc.moved
+            raise _End(netio.failed_call("recv" if exc.side == "src" else "send", exc)) from None
+        self.moved += moved
+        if status == _tls_bridge.PUMP_EOF:
+            raise _End(self.eof_reason)
+        return self.pump_needs[status]
 
     def _flush(self):
         """Send the backlog; return 0 when it is gone, else the readiness to wait for."""
@@ -274,6 +319,8 @@ class _Direction:
         _pool.give(pipe)
 
     def release(self):
+        if self.tls_pump is not None:
+            self.tls_pump.release()
         pipe, self.pipe = self.pipe, None
         if pipe is not None:
             _pool.give(pipe)
@@ -461,6 +508,8 @@ def start(client_sock, backend_sock, *, client_pending: bytes, backend_pending: 
           on_close: Callable[[RelayResult], None], backend_tls: bool = False) -> Relay:
     """Hand both sockets to the relay and return at once; on_close(RelayResult) runs exactly once, in
     the hub, after both sockets are closed. It must not block (spawn a greenlet for anything slow).
-    ``tls``/``backend_tls``: that side is a gevent SSLSocket (handshake done), relayed by copy."""
+    ``tls``/``backend_tls``: that side is a gevent SSLSocket (handshake done; gevent's, whose descriptor
+    is non-blocking, not the standard library's), relayed by the TLS pump when the OpenSSL bridge is
+    active, else by copy."""
     return Relay(client_sock, backend_sock, client_pending, backend_pending, proxy_timeout,
                  proxy_buffer, client_buffer, tls, on_close, backend_tls)

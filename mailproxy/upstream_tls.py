@@ -21,6 +21,9 @@ Deviations from nginx's stream module, each because Python's ssl has no knob for
   OpenSSL's default 100), with OpenSSL's code and text for a chain that is too long.
 * Sessions (`proxy_ssl_session_reuse`) are kept per worker, the last one per backend address and port;
   a worker offers it on the next connection to that backend.
+
+`proxy_ssl_conf_command` is the stream module's: SSL_CONF_cmd() on the backend context, through the
+OpenSSL bridge (mailproxy/_openssl.pyx), after every other directive; without the bridge `-t` refuses it.
 """
 
 import ipaddress
@@ -104,7 +107,20 @@ def build_context(server) -> ssl.SSLContext:
     if cert:
         tls._check_certificate_file(cert, cert)
         tls._load_pair(ctx, cert, cert, key, key, [None])
+    if server.proxy_ssl_conf_command:
+        _conf_commands(ctx, server.proxy_ssl_conf_command)
     return ctx
+
+
+def _conf_commands(ctx, commands):
+    # Last, as nginx's ngx_stream_proxy_set_ssl() applies them: a command overrides the directives.
+    if tls.bridge is None:
+        raise ConfigError('"proxy_ssl_conf_command" is not supported by mailproxy: it needs mailproxy\'s '
+                          "OpenSSL bridge, which is off: %s" % tls.bridge_off_reason)
+    try:
+        tls.bridge.conf_commands(ctx, commands)
+    except tls.bridge.BridgeError as exc:
+        raise ConfigError(str(exc))
 
 
 def handshake(server, sock, addr, port, deadline):

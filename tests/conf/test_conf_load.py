@@ -35,7 +35,7 @@ SERVER_DEFAULTS = {
     "proxy_ssl_trusted_certificate": None, "proxy_ssl_name": None, "proxy_ssl_server_name": False,
     "proxy_ssl_certificate": None, "proxy_ssl_certificate_key": None,
     "proxy_ssl_protocols": frozenset({"TLSv1.2", "TLSv1.3"}), "proxy_ssl_ciphers": "DEFAULT",
-    "proxy_ssl_session_reuse": True,
+    "proxy_ssl_session_reuse": True, "proxy_ssl_conf_command": (),
     "imap_capabilities": ("IMAP4", "IMAP4rev1", "UIDPLUS"), "imap_client_buffer": PAGE,
     "pop3_auth": frozenset({"plain"}), "pop3_capabilities": ("TOP", "USER", "UIDL"), "pop3_client_buffer": 128,
     "smtp_auth": frozenset({"plain", "login"}), "smtp_capabilities": (), "smtp_client_buffer": PAGE,

@@ -1,0 +1,162 @@
+"""mailproxy._openssl.TlsPump on its own, in this process, on socket pairs with real TLS: statuses, the
+held bytes that proxy_buffer bounds, errors in the copy loop's words, and a released pump."""
+
+import socket
+import ssl
+import threading
+
+import pytest
+
+from mailproxy import netio, relay
+
+pytestmark = pytest.mark.skipif(not relay.TLS_PUMP_AVAILABLE,
+                                reason="the OpenSSL bridge is off here, so the TLS pump is not used")
+
+bridge = relay._tls_bridge
+
+
+@pytest.fixture
+def tls_pair(certs, tmp_path):
+    """(server-side SSLSocket, non-blocking, for the pump; client-side SSLSocket, blocking, the peer)."""
+    ca = str(tmp_path / "ca.pem")
+    certs.ca.cert_pem.write_to_path(ca)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certs.cert, certs.key)
+    a, b = socket.socketpair()
+    made = {}
+    thread = threading.Thread(target=lambda: made.setdefault("server", server_ctx.wrap_socket(a, server_side=True)))
+    thread.start()
+    client = ssl.create_default_context(cafile=ca).wrap_socket(b, server_hostname="localhost")
+    thread.join(10)
+    server = made["server"]
+    server.setblocking(False)
+    client.settimeout(10)
+    yield server, client
+    server.close()
+    client.close()
+
+
+@pytest.fixture
+def plain_pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.settimeout(10)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def recv_exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk
+        data += chunk
+    return data
+
+
+def test_tls_to_plain_moves_and_waits(tls_pair, plain_pair):
+    server, client = tls_pair
+    dst, peer = plain_pair
+    pump = bridge.TlsPump(server, server.fileno(), None, dst.fileno(), 4096)
+    assert pump.run(1 << 30) == (0, bridge.PUMP_AGAIN_SRC)
+    client.sendall(b"x" * 10000)
+    moved = 0
+    while moved < 10000:
+        n, status = pump.run(1 << 30)
+        moved += n
+        assert status == bridge.PUMP_AGAIN_SRC
+    assert recv_exactly(peer, 10000) == b"x" * 10000
+    assert pump.held == 0
+
+
+def test_budget_says_when_the_ssl_holds_bytes(tls_pair, plain_pair):
+    """A 16 KiB record read 100 bytes at a time: once the budget is spent, the rest sits inside the SSL
+    where no socket event announces it, and the pump says so (relay.py then runs it again: AGAIN)."""
+    server, client = tls_pair
+    dst, peer = plain_pair
+    pump = bridge.TlsPump(server, server.fileno(), None, dst.fileno(), 100)
+    client.sendall(b"y" * 16384)
+    status = bridge.PUMP_AGAIN_SRC
+    while status == bridge.PUMP_AGAIN_SRC:  # until the record has arrived whole
+        moved, status = pump.run(1)
+    assert (moved, status) == (100, bridge.PUMP_BUDGET_PENDING)
+    total = moved
+    while status == bridge.PUMP_BUDGET_PENDING:
+        moved, status = pump.run(1)
+        total += moved
+    assert (total, status) == (16384, bridge.PUMP_BUDGET)
+    assert pump.run(1) == (0, bridge.PUMP_AGAIN_SRC)
+    assert recv_exactly(peer, 16384) == b"y" * 16384
+
+
+def test_a_stalled_destination_holds_one_read_at_most(plain_pair, tls_pair):
+    """Plain source, TLS destination whose peer reads nothing: the pump stops with at most one read
+    (the proxy_buffer bound) held, and delivers it once the peer reads."""
+    src, feeder = plain_pair
+    server, client = tls_pair
+    pump = bridge.TlsPump(None, src.fileno(), server, server.fileno(), 4096)
+    block = b"z" * 65536
+    feeder.settimeout(0)
+    fed = 0
+    status = None
+    while status != bridge.PUMP_AGAIN_DST:
+        try:
+            fed += feeder.send(block)
+        except BlockingIOError:
+            pass  # the source socket is full too: the pump below drains it
+        moved, status = pump.run(1 << 30)
+        assert 0 < pump.held <= 4096 or status != bridge.PUMP_AGAIN_DST
+    assert 0 < pump.held <= 4096
+    got = 0
+    while got < fed:
+        pump.run(1 << 30)
+        got += len(client.recv(1 << 20))
+    assert got == fed
+    assert pump.held == 0
+
+
+def test_errors_are_worded_as_the_copy_loop_words_them(tls_pair, plain_pair):
+    server, client = tls_pair
+    dst, peer = plain_pair
+    peer.close()
+    pump = bridge.TlsPump(server, server.fileno(), None, dst.fileno(), 4096)
+    client.sendall(b"to nowhere")
+    with pytest.raises(bridge.PumpSyscallError) as info:
+        while True:
+            pump.run(1 << 30)
+    assert (info.value.side, info.value.moved) == ("dst", 0)
+    assert netio.failed_call("send", info.value) == "send() failed (32: Broken pipe)"
+
+
+def test_eof_without_close_notify_is_an_end(tls_pair, plain_pair):
+    server, client = tls_pair
+    dst, peer = plain_pair
+    pump = bridge.TlsPump(server, server.fileno(), None, dst.fileno(), 4096)
+    client.sendall(b"last words")
+    socket.socket.shutdown(client, socket.SHUT_WR)  # a FIN, no close_notify
+    moved, status = 0, bridge.PUMP_AGAIN_SRC
+    while status == bridge.PUMP_AGAIN_SRC:
+        n, status = pump.run(1 << 30)
+        moved += n
+    assert (moved, status) == (10, bridge.PUMP_EOF)
+    assert recv_exactly(peer, 10) == b"last words"
+
+
+def test_a_released_pump_refuses_to_run(tls_pair, plain_pair):
+    server, client = tls_pair
+    dst, _ = plain_pair
+    pump = bridge.TlsPump(server, server.fileno(), None, dst.fileno(), 4096, b"leftovers")
+    assert pump.held == 9
+    pump.release()
+    assert pump.held == 0
+    with pytest.raises(ValueError):
+        pump.run(1)
+
+
+def test_only_python_ssl_objects(plain_pair):
+    dst, _ = plain_pair
+    with pytest.raises(TypeError):
+        bridge.TlsPump(object(), 0, None, dst.fileno(), 4096)
+    with pytest.raises(ValueError):
+        bridge.TlsPump(None, 0, None, dst.fileno(), 4096)
