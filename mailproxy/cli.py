@@ -162,7 +162,14 @@ def _bridge_lines():
         return ["OpenSSL bridge (mailproxy._openssl): off: %s" % tls.bridge_off_reason]
     version, path = _openssl.library()
     state = "active" if tls.bridge is not None else "off: %s" % tls.bridge_off_reason
-    return ["OpenSSL bridge (mailproxy._openssl): linked with %s (%s), %s" % (path or "libssl", version, state)]
+    from mailproxy.relay import TLS_PUMP_AVAILABLE
+
+    if TLS_PUMP_AVAILABLE:
+        pump = "pump"
+    else:
+        pump = "copy loop (%s)" % ("the bridge is off" if tls.bridge is None else "MAILPROXY_TLS_PUMP=off")
+    return ["OpenSSL bridge (mailproxy._openssl): linked with %s (%s), %s" % (path or "libssl", version, state),
+            "TLS relay: %s" % pump]
 
 
 # -- pid file ------------------------------------------------------------------------------------

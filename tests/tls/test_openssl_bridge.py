@@ -463,7 +463,8 @@ def test_bridge_off_refuses_only_what_needs_it(pki, mailproxy_master, tmp_path):
     assert plain.cli("-t").returncode == 0
     version = plain.cli("-V")
     assert "OpenSSL bridge (mailproxy._openssl): linked with " in version.stderr
-    assert version.stderr.rstrip().endswith("off: MAILPROXY_OPENSSL_BRIDGE=off is set"), version.stderr
+    assert "off: MAILPROXY_OPENSSL_BRIDGE=off is set\n" in version.stderr, version.stderr
+    assert version.stderr.rstrip().endswith("TLS relay: copy loop (the bridge is off)"), version.stderr
     for directive, text in (("ssl_session_ticket_key %s;" % key, "ssl_session_ticket_key"),
                             ("ssl_verify_client optional_no_ca;", "ssl_verify_client optional_no_ca"),
                             ("ssl_conf_command Options PrioritizeChaCha;", "ssl_conf_command"),
