@@ -341,7 +341,7 @@ def main():
     if args.latency_names + args.memory_names > args.domains:
         parser.error("--domains must cover --latency-names + --memory-names")
     if args.memory_names > 1000:
-        parser.error("at most 1000 memory names: the worker keeps 1000 contexts (tls_by_name.CACHE_SIZE)")
+        parser.error("at most 1000 memory names: the worker keeps 1000 contexts (tls/by_name.py's CACHE_SIZE)")
 
     began = time.perf_counter()
     scratch = tempfile.mkdtemp(prefix="certdom-files")

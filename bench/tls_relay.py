@@ -290,12 +290,13 @@ def _note(metric, med):
 
 def relay_engine():
     """How mailproxy relays TLS sessions in this run (the engine inherits the bench's environment)."""
-    from mailproxy import relay, tls
+    from mailproxy import relay
+    from mailproxy.tls import openssl
 
     if relay.TLS_PUMP_AVAILABLE:
         return "the TLS pump (mailproxy/_openssl.pyx; the OpenSSL bridge is active)"
-    if tls.bridge is None:
-        return "the Python copy loop (the OpenSSL bridge is off: %s)" % tls.bridge_off_reason
+    if openssl.bridge is None:
+        return "the Python copy loop (the OpenSSL bridge is off: %s)" % openssl.bridge_off_reason
     return "the Python copy loop (MAILPROXY_TLS_PUMP=off)"
 
 

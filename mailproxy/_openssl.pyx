@@ -6,7 +6,7 @@ keys, groups lists, SSL_CONF_cmd, a verify callback that lets the handshake fini
 This module reaches the OpenSSL objects behind CPython's own: `_ssl._SSLContext` is PyObject_HEAD then
 `SSL_CTX *ctx`, `_ssl._SSLSocket` is PyObject_HEAD, `PyObject *Socket`, then `SSL *ssl` (Modules/_ssl.c,
 CPython 3.10 to 3.13). Nothing is used before `problem()` has checked, on live objects, that this holds
-and that both modules use one libssl; mailproxy/tls.py then calls the functions below, or refuses the
+and that both modules use one libssl; mailproxy/tls/ then calls the functions below, or refuses the
 directives that need them.
 
 The callbacks OpenSSL makes during a handshake (ALPN, ticket keys, verification, the shared session

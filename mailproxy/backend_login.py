@@ -11,7 +11,8 @@ import os
 import socket
 import time
 
-from mailproxy import netio, upstream_tls
+from mailproxy import netio
+from mailproxy.tls import upstream as upstream_tls
 from mailproxy.upstream import imap as upstream_imap
 from mailproxy.upstream import pop3 as upstream_pop3
 from mailproxy.upstream import sieve as upstream_sieve

@@ -122,9 +122,9 @@ def load(opts, warn=False):
 def with_tls(config):
     """TLS contexts are made in the master before fork, so workers share session ticket keys; raises
     ConfigError for a bad certificate, which a reload logs and survives."""
-    from mailproxy import tls
+    from mailproxy.tls import client as client_tls
 
-    tls.prepare(config)
+    client_tls.prepare(config)
     return config
 
 
@@ -153,21 +153,21 @@ def version_lines(build):
 
 
 def _bridge_lines():
-    """Which libssl the OpenSSL bridge is linked with, and whether it is used (mailproxy/tls.py)."""
-    from mailproxy import tls
+    """Which libssl the OpenSSL bridge is linked with, and whether it is used (mailproxy/tls/openssl.py)."""
+    from mailproxy.tls import openssl
 
     try:
         from mailproxy import _openssl
     except ImportError:
-        return ["OpenSSL bridge (mailproxy._openssl): off: %s" % tls.bridge_off_reason]
+        return ["OpenSSL bridge (mailproxy._openssl): off: %s" % openssl.bridge_off_reason]
     version, path = _openssl.library()
-    state = "active" if tls.bridge is not None else "off: %s" % tls.bridge_off_reason
+    state = "active" if openssl.bridge is not None else "off: %s" % openssl.bridge_off_reason
     from mailproxy.relay import TLS_PUMP_AVAILABLE
 
     if TLS_PUMP_AVAILABLE:
         pump = "pump"
     else:
-        pump = "copy loop (%s)" % ("the bridge is off" if tls.bridge is None else "MAILPROXY_TLS_PUMP=off")
+        pump = "copy loop (%s)" % ("the bridge is off" if openssl.bridge is None else "MAILPROXY_TLS_PUMP=off")
     return ["OpenSSL bridge (mailproxy._openssl): linked with %s (%s), %s" % (path or "libssl", version, state),
             "TLS relay: %s" % pump]
 
@@ -440,12 +440,12 @@ def run(argv):
         sys.stderr.write("\n".join(version_lines(opts.get("build"))) + "\n")
         return 0
     if opts.get("test") or opts.get("dump"):
-        from mailproxy import tls
         from mailproxy.conf.load import check
+        from mailproxy.tls import client as client_tls
 
         path, prefix, directives = conf_location(opts)
         return check(path, prefix, directives, bool(opts.get("dump")), sys.stdout, sys.stderr,
-                     probe=probe_files, quiet=bool(opts.get("quiet")), prepare=tls.prepare)
+                     probe=probe_files, quiet=bool(opts.get("quiet")), prepare=client_tls.prepare)
     command = opts["command"]
     if command == "start":
         return start(opts)

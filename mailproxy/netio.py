@@ -18,7 +18,7 @@ import ssl
 
 from gevent import socket
 
-from mailproxy.tls import ssl_error_text
+from mailproxy.tls.openssl import ssl_error_text
 
 _GeventSocket = socket.socket
 

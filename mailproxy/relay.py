@@ -10,7 +10,7 @@ Shape, and why:
 * Plain sessions move bytes with splice(2) through a pipe borrowed from a per-process pool only while a
   direction has bytes in flight, and returned as soon as the pipe is empty (mailproxy/_splice.pyx).
 * TLS on either side (client, backend, or both) cannot be spliced. When the OpenSSL bridge is active
-  (mailproxy/tls.py: `bridge`), such a session's directions run the TLS pump (mailproxy/_openssl.pyx,
+  (mailproxy/tls/openssl.py: `bridge`), such a session's directions run the TLS pump (mailproxy/_openssl.pyx,
   TlsPump): SSL_read/SSL_write, or recv/send on a plain side, in C with the GIL released, until
   something would block or the budget is spent; bytes a peer did not take wait in a buffer of at most
   one read, freed as soon as they are delivered. Without the bridge (or with MAILPROXY_TLS_PUMP=off),
@@ -57,13 +57,13 @@ SPLICE_AVAILABLE = _splice is not None
 
 
 def _tls_pump_bridge():
-    # The pump reaches the SSL behind Python's objects, so it runs only where mailproxy/tls.py found
+    # The pump reaches the SSL behind Python's objects, so it runs only where mailproxy/tls/openssl.py found
     # the bridge's layout and library checks to hold; elsewhere TLS sessions keep the copy loop.
     if os.environ.get("MAILPROXY_TLS_PUMP", "").lower() == "off":
         return None
-    from mailproxy import tls
+    from mailproxy.tls import openssl
 
-    return tls.bridge
+    return openssl.bridge
 
 
 _tls_bridge = _tls_pump_bridge()

@@ -32,7 +32,8 @@ from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS, 
 from mailproxy.backend_login import BackendLogin, BackendLoginFailed
 from mailproxy import log as errorlog
 from mailproxy import metrics, session_log, throttle
-from mailproxy import netio, proxy_protocol, relay, resolver, tls
+from mailproxy import netio, proxy_protocol, relay, resolver
+from mailproxy.tls import client as client_tls, openssl
 
 _READ_SIZE = 16384
 
@@ -335,7 +336,7 @@ class Session:
             raise SessionClosed()  # a handshake that times out closes silently (spec 2.0.6)
         self.sock.settimeout(remaining)
         self.metrics.tls.inc()
-        context = tls.context_for(self.server, self.listen)
+        context = client_tls.context_for(self.server, self.listen)
         try:
             # The SSL socket takes over the descriptor: from here self.sock must be the only owner. Building
             # it already reads the socket (a peer that reset it, or closed it with bytes queued, fails here),
@@ -354,13 +355,13 @@ class Session:
             if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or exc.errno == errno.ENOTCONN:
                 self.log("info", "peer closed connection in SSL handshake")
             else:
-                self.log("info", "SSL_do_handshake() failed (SSL: %s)" % tls.ssl_error_text(exc))
+                self.log("info", "SSL_do_handshake() failed (SSL: %s)" % openssl.ssl_error_text(exc))
             raise SessionClosed()
         except OSError as exc:
             self.handshake_failed("error")
             self.fail_socket("recv", exc)
         self.tls = True
-        group = tls.sni_group(self.listen)
+        group = client_tls.sni_group(self.listen)
         if group is not None:
             # Certificates by SNI (ours): the auth server learns which name the client asked for.
             self.sni_name = getattr(self.sock, "mailproxy_server_name", None)
@@ -371,18 +372,18 @@ class Session:
                 # capabilities, so that server keeps the session and only the certificate follows the name.
                 self.server = group.server_of(self.sock)
                 self.use_log(self.server)
-        broken = tls.load_error(self.sock)
+        broken = client_tls.load_error(self.sock)
         if broken:
             # Certificate files by SNI name (ours): the default certificate served instead.
             self.log("error", broken)
-        verdict = tls.client_verdict(self.sock, self.server)
+        verdict = client_tls.client_verdict(self.sock, self.server)
         if not verdict.ok:
             config = protocol_config(self.server)
             reply = config.ssl_no_cert if verdict.reply == "no_cert" else config.ssl_cert_error
             self.log("info", verdict.message)
             self.send(reply)
             raise SessionClosed()
-        self.ssl_info = tls.session_info(self.sock, self.server)
+        self.ssl_info = client_tls.session_info(self.sock, self.server)
 
     def resolve_client_host(self):
         """SMTP's Client-Host and XCLIENT NAME (spec 5); runs before the greeting, the client unread."""

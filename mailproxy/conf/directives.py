@@ -128,7 +128,7 @@ DIRECTIVES = (
     # ours, off by default: Dovecot's ID / XCLIENT naming the client to IMAP and POP3 backends
     _mail("proxy_client_id", ONE, v.flag, False),
     _mail("proxy_protocol", ONE, v.proxy_protocol, "off"),
-    # TLS to the backends (ours, named after ngx_stream_proxy_module's; all off, see mailproxy/upstream_tls.py)
+    # TLS to the backends (ours, named after ngx_stream_proxy_module's; all off, see mailproxy/tls/upstream.py)
     _mail("proxy_ssl", ONE, v.flag, False),
     _mail("proxy_starttls", ONE, v.flag, False),
     _mail("proxy_ssl_verify", ONE, v.flag, False),

@@ -138,7 +138,7 @@ class ServerSettings:
     proxy_smtp_auth: object  # False, "plain" (nginx's on) or "login" (ours)
     proxy_client_id: bool  # ours
     proxy_protocol: str
-    # TLS to the backends (ours; mailproxy/upstream_tls.py)
+    # TLS to the backends (ours; mailproxy/tls/upstream.py)
     proxy_ssl: bool
     proxy_starttls: bool
     proxy_ssl_verify: bool

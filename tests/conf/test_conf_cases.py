@@ -2,7 +2,7 @@
 
 Header lines: `# emerg: <message>` (the load fails with exactly this text), `# warn: <message>` (a
 warning, in order), `# ok` (loads), `# ok_no_mail` (loads, no servers), `# check_emerg: <message>` (loads,
-but -t fails: it also reads certificates, mailproxy/tls.py). `{file}` is the case's path.
+but -t fails: it also reads certificates, mailproxy/tls/client.py). `{file}` is the case's path.
 Cases whose header says `# nginx 1.22.1 (nginx -t): same text` were run through Debian's nginx with the
 mail module; when that nginx is installed the comparison is repeated here.
 """
@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from mailproxy import tls
+from mailproxy.tls import client as tls
 from mailproxy.conf import ConfigError, check, load_config
 
 CASES = os.path.join(os.path.dirname(__file__), "cases")

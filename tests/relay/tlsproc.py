@@ -52,7 +52,7 @@ def main():
 
     def session(client):
         try:
-            # Wrapped as session.py and upstream_tls.py wrap: with a timeout set, handshake, no timeout.
+            # Wrapped as session.py and tls/upstream.py wrap: with a timeout set, handshake, no timeout.
             backend = socket.create_connection(backend_addr, timeout=WAIT)
             if backend_ctx is not None:
                 backend = ssl.SSLSocket(sock=backend, server_side=False, do_handshake_on_connect=False,

@@ -1,7 +1,7 @@
 """Certificates for the TLS tests, made by trustme: a server CA and a client CA with one client each.
 
 The files live in a per-module directory the workers never read: mailproxy loads every certificate
-and key in the master, as root, before forking (mailproxy/tls.py), which these tests rely on.
+and key in the master, as root, before forking (mailproxy/tls/client.py), which these tests rely on.
 """
 
 import os

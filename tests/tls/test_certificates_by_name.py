@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import trustme
 
-from mailproxy import tls_by_name
+from mailproxy.tls import by_name as tls_by_name
 from mailproxy_testing import free_port
 
 OPENSSL = "/usr/bin/openssl"
@@ -184,7 +184,7 @@ def test_cache_is_bounded_and_follows_files(tmp_path):
 
 
 def test_a_default_is_required(certs, tmp_path):
-    from mailproxy import tls
+    from mailproxy.tls import client as client_tls
     from mailproxy.conf.lexer import ConfigError
     from mailproxy.conf.load import load_config
 
@@ -193,7 +193,7 @@ def test_a_default_is_required(certs, tmp_path):
                     "ssl_certificate %s/$ssl_server_name.pem; ssl_certificate_key %s/$ssl_server_name.key; } }\n"
                     % (free_port(), certs.root, certs.root))
     with pytest.raises(ConfigError, match="needs one without variables"):
-        tls.build_context(load_config(str(conf), str(tmp_path)).servers[0])
+        client_tls.build_context(load_config(str(conf), str(tmp_path)).servers[0])
 
 
 def test_failed_file_tried_again_after_chmod(tmp_path):

@@ -14,15 +14,15 @@ import pytest
 from authserver import RecordingAuthServer
 from backends import require
 from mailproxy_testing import free_port
-from mailproxy import tls
+from mailproxy.tls import client as client_tls, openssl
 
 OPENSSL = "/usr/bin/openssl"
 
 
 @pytest.fixture(autouse=True)
 def bridge_active():
-    if tls.bridge is None:
-        pytest.fail("the OpenSSL bridge is off here: %s" % tls.bridge_off_reason)
+    if openssl.bridge is None:
+        pytest.fail("the OpenSSL bridge is off here: %s" % openssl.bridge_off_reason)
 
 
 def s_client(pki, port, *args, send=b"a LOGOUT\r\n"):
@@ -482,7 +482,7 @@ def test_bridge_off_refuses_only_what_needs_it(pki, mailproxy_master, tmp_path):
 
 def test_close_without_close_notify_keeps_the_session(pki, tmp_path):
     """nginx marks every connection shut down before SSL_free(), whichever way it ends; OpenSSL drops
-    a session whose connection was not from its cache. tls.client_verdict(), after each handshake,
+    a session whose connection was not from its cache. client_tls.client_verdict(), after each handshake,
     marks it here; a connection it did not see shows what the mark prevents."""
     import threading
 
@@ -493,7 +493,7 @@ def test_close_without_close_notify_keeps_the_session(pki, tmp_path):
                     "listen 127.0.0.1:%d ssl; %s ssl_session_cache builtin; ssl_session_tickets off; }\n}\n"
                     % (free_port(), pki.tls_directives()))
     server = load_config(str(conf), prefix=str(tmp_path)).servers[0]
-    ctx = tls.build_context(server)
+    ctx = client_tls.build_context(server)
     client_ctx = pki.client_context()
 
     def connect(session, mark):
@@ -503,7 +503,7 @@ def test_close_without_close_notify_keeps_the_session(pki, tmp_path):
         def serve():
             srv = ctx.wrap_socket(a, server_side=True)
             if mark:
-                tls.client_verdict(srv, server)
+                client_tls.client_verdict(srv, server)
             srv.sendall(b"* OK\r\n")
             srv.close()  # no close_notify, as when a session ends by a timeout or an error
             done["ok"] = True

@@ -1,4 +1,4 @@
-"""mailproxy/tls.py on its own: contexts from directives, -t messages, what a handshake tells auth_http."""
+"""mailproxy/tls/client.py on its own: contexts from directives, -t messages, what a handshake tells auth_http."""
 
 import hashlib
 import io
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from mailproxy import tls
+from mailproxy.tls import client as tls
 from mailproxy.conf import check, load_config
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from authserver import RecordingAuthServer
 from backends import USERS
-from mailproxy import tls
+from mailproxy.tls import openssl
 from mailproxy_testing import free_port
 
 WAIT = 20.0
@@ -103,7 +103,7 @@ def login_logout(port):
     assert imap.logout()[0] == "BYE"
 
 
-@pytest.mark.skipif(tls.bridge is None, reason="the OpenSSL bridge is off here")
+@pytest.mark.skipif(openssl.bridge is None, reason="the OpenSSL bridge is off here")
 def test_commands_reach_the_backend_context(mailproxy_master, tls_backend):
     auth = RecordingAuthServer(USERS, {"imap": ("127.0.0.1", tls_backend.port)})
     try:
@@ -120,7 +120,7 @@ def test_commands_reach_the_backend_context(mailproxy_master, tls_backend):
     assert tls_backend.versions == ["TLSv1.3", "TLSv1.2"]
 
 
-@pytest.mark.skipif(tls.bridge is None, reason="the OpenSSL bridge is off here")
+@pytest.mark.skipif(openssl.bridge is None, reason="the OpenSSL bridge is off here")
 def test_a_bad_command_fails_the_test_with_openssl_reason(mailproxy_master):
     master = mailproxy_master(edge_config(type("Auth", (), {"url": "127.0.0.1:9/auth"}), free_port(),
                                           [("NoSuchCommand", "x")]), handler=None, start=False)

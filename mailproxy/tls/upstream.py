@@ -9,7 +9,7 @@ for one session. The header only ever turns TLS on (a backend the configuration 
 downgraded by an auth reply), and it follows the server's mode: STARTTLS when `proxy_starttls` is on,
 implicit TLS otherwise. `proxy_starttls on` means TLS on, by STARTTLS, whatever `proxy_ssl` says.
 
-Contexts are built in the master next to the client-side ones (tls.prepare), for every server: the
+Contexts are built in the master next to the client-side ones (client.prepare), for every server: the
 header can enable TLS on any of them, and a bad certificate or CA file must fail `-t`, not a session.
 
 Deviations from nginx's stream module, each because Python's ssl has no knob for it:
@@ -32,7 +32,7 @@ import time
 
 from gevent import ssl as gevent_ssl
 
-from mailproxy import tls
+from mailproxy.tls import openssl
 from mailproxy.conf.lexer import ConfigError
 
 HANDSHAKING = "SSL handshaking to upstream"
@@ -85,7 +85,7 @@ def context_for(server) -> ssl.SSLContext:
 def build_context(server) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # the name is matched after the handshake, apart from SNI (module doc)
-    tls._set_protocols(ctx, server.proxy_ssl_protocols)
+    openssl.set_protocols(ctx, server.proxy_ssl_protocols)
     try:
         ctx.set_ciphers(server.proxy_ssl_ciphers)
     except ssl.SSLError:
@@ -98,15 +98,15 @@ def build_context(server) -> ssl.SSLContext:
             ctx.load_verify_locations(cafile=server.proxy_ssl_trusted_certificate)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError('cannot load "proxy_ssl_trusted_certificate" file "%s": %s'
-                              % (server.proxy_ssl_trusted_certificate, tls._load_failure(exc)))
+                              % (server.proxy_ssl_trusted_certificate, openssl.load_failure(exc)))
     else:
         ctx.verify_mode = ssl.CERT_NONE
     cert, key = server.proxy_ssl_certificate, server.proxy_ssl_certificate_key
     if cert and not key:
         raise ConfigError('no "proxy_ssl_certificate_key" is defined for certificate "%s"' % cert)
     if cert:
-        tls._check_certificate_file(cert, cert)
-        tls._load_pair(ctx, cert, cert, key, key, [None])
+        openssl.check_certificate_file(cert, cert)
+        openssl.load_pair(ctx, cert, cert, key, key, [None])
     if server.proxy_ssl_conf_command:
         _conf_commands(ctx, server.proxy_ssl_conf_command)
     return ctx
@@ -114,12 +114,12 @@ def build_context(server) -> ssl.SSLContext:
 
 def _conf_commands(ctx, commands):
     # Last, as nginx's ngx_stream_proxy_set_ssl() applies them: a command overrides the directives.
-    if tls.bridge is None:
+    if openssl.bridge is None:
         raise ConfigError('"proxy_ssl_conf_command" is not supported by mailproxy: it needs mailproxy\'s '
-                          "OpenSSL bridge, which is off: %s" % tls.bridge_off_reason)
+                          "OpenSSL bridge, which is off: %s" % openssl.bridge_off_reason)
     try:
-        tls.bridge.conf_commands(ctx, commands)
-    except tls.bridge.BridgeError as exc:
+        openssl.bridge.conf_commands(ctx, commands)
+    except openssl.bridge.BridgeError as exc:
         raise ConfigError(str(exc))
 
 
@@ -164,7 +164,7 @@ def _handshake(server, tls_sock, name):
     except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
         raise HandshakeFailed("error", "peer closed connection in SSL handshake")
     except ssl.SSLError as exc:
-        raise HandshakeFailed("error", "SSL_do_handshake() failed (SSL: %s)" % tls.ssl_error_text(exc))
+        raise HandshakeFailed("error", "SSL_do_handshake() failed (SSL: %s)" % openssl.ssl_error_text(exc))
     except OSError as exc:
         raise HandshakeFailed("error", "SSL_do_handshake() failed (%d: %s)" % (exc.errno or 0, exc.strerror))
     if server.proxy_ssl_verify:

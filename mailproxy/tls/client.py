@@ -37,29 +37,13 @@ does not verify ends the handshake with an alert. `mailproxy-master -V` says whi
 """
 
 import hashlib
-import os
 import ssl
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from mailproxy import tls_by_name
+from mailproxy.tls import by_name, openssl
 from mailproxy.conf.lexer import ConfigError
 
-
-def _load_bridge():
-    """(the _openssl module, None) when it may be used, else (None, why not)."""
-    if os.environ.get("MAILPROXY_OPENSSL_BRIDGE", "").lower() == "off":
-        return None, "MAILPROXY_OPENSSL_BRIDGE=off is set"
-    try:
-        from mailproxy import _openssl
-    except ImportError as exc:
-        return None, "mailproxy._openssl is not built (%s)" % exc
-    reason = _openssl.problem()
-    return (None, reason) if reason else (_openssl, None)
-
-
-bridge, bridge_off_reason = _load_bridge()
 
 # X509_V_ERR_* codes ssl_verify_client optional_no_ca lets through (nginx's ngx_ssl_verify_error_optional).
 _NO_CA_ERRORS = frozenset({
@@ -73,20 +57,6 @@ _NO_CA_ERRORS = frozenset({
 # shared:name:size session caches: name -> SharedZone, kept by the master across reloads.
 _zones = {}
 _zones_used = set()
-
-_VERSIONS = {
-    "SSLv3": ssl.TLSVersion.SSLv3,
-    "TLSv1": ssl.TLSVersion.TLSv1,
-    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
-    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
-    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
-}
-_NO_VERSION = {
-    "TLSv1": "OP_NO_TLSv1",
-    "TLSv1.1": "OP_NO_TLSv1_1",
-    "TLSv1.2": "OP_NO_TLSv1_2",
-}
-_ORDER = ["SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
 # X509_V_ERR_CERT_CHAIN_TOO_LONG, as OpenSSL numbers and words it.
 _CHAIN_TOO_LONG = (22, "certificate chain too long")
@@ -170,7 +140,7 @@ def _ssl_socket(sock):
 
 
 def _context_by_name(ctx, name, sock):
-    """The context holding the certificate files named after ``name`` (tls_by_name.py), or None.
+    """The context holding the certificate files named after ``name`` (by_name.py), or None.
     A file that failed to load is named on the socket, for the session to log (load_error)."""
     by_name = getattr(ctx, "mailproxy_by_name", None)
     if by_name is None:
@@ -201,10 +171,10 @@ def prepare(config):
             fresh[id(server)] = (server, build_context(server))
     for name in set(_zones) - _zones_used:
         del _zones[name]  # workers already forked keep their own mapping of it
-    # Backend-side contexts are made at the same moment, for the same reasons (mailproxy/upstream_tls.py).
-    from mailproxy import upstream_tls
+    # Backend-side contexts are made at the same moment, for the same reasons (mailproxy/upstream.py).
+    from mailproxy.tls import upstream
 
-    upstream_tls.prepare(config)
+    upstream.prepare(config)
     _contexts.clear()
     _contexts.update(fresh)
     sharing = {}
@@ -237,10 +207,10 @@ def context_for(server, listen=None) -> ssl.SSLContext:
 
 def build_context(server, pairs=None) -> ssl.SSLContext:
     """The server's context; ``pairs``: (cert, key) files loaded instead of the server's own, for one
-    TLS server name (tls_by_name.py)."""
+    TLS server name (by_name.py)."""
     _refuse_unsupported(server)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _set_protocols(ctx, server.ssl_protocols)
+    openssl.set_protocols(ctx, server.ssl_protocols)
     try:
         ctx.set_ciphers(server.ssl_ciphers)
     except ssl.SSLError:
@@ -257,30 +227,30 @@ def build_context(server, pairs=None) -> ssl.SSLContext:
         try:
             ctx.load_dh_params(server.ssl_dhparam)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError('PEM_read_bio_DHparams("%s") failed (%s)' % (server.ssl_dhparam, _any_text(exc)))
-    static, by_name = tls_by_name.split_pairs(server)
+            raise ConfigError('PEM_read_bio_DHparams("%s") failed (%s)' % (server.ssl_dhparam, openssl.any_text(exc)))
+    static, named = by_name.split_pairs(server)
     loaded = static if pairs is None else pairs
     _load_certificates(ctx, server, loaded)
     _load_client_verification(ctx, server)
-    if bridge is not None:
-        bridge.alpn(ctx, server.protocol)
+    if openssl.bridge is not None:
+        openssl.bridge.alpn(ctx, server.protocol)
         _set_sessions(ctx, server, loaded)
         if server.ssl_conf_command:
             # Last, as nginx applies them: a command overrides what the directives above set.
             try:
-                bridge.conf_commands(ctx, server.ssl_conf_command)
-            except bridge.BridgeError as exc:
+                openssl.bridge.conf_commands(ctx, server.ssl_conf_command)
+            except openssl.bridge.BridgeError as exc:
                 raise ConfigError(str(exc))
     else:
         ctx.set_alpn_protocols([_ALPN_NAMES.get(server.protocol, server.protocol)])
     if pairs is not None:
         ctx.mailproxy_server = server
-    elif by_name:
+    elif named:
         if not static:
             raise ConfigError('"ssl_certificate" with $ssl_server_name needs one without variables too, '
                               "for clients that send no server name or one without files")
-        ctx.mailproxy_by_name = tls_by_name.CertificatesByName(
-            by_name, lambda files: build_context(server, files))
+        ctx.mailproxy_by_name = by_name.CertificatesByName(
+            named, lambda files: build_context(server, files))
         ctx.sni_callback = _choose_by_name
     return ctx
 
@@ -292,24 +262,24 @@ _ALPN_NAMES = {"imap": "imap", "pop3": "pop3", "smtp": "smtp", "sieve": "manages
 def _set_curves(ctx, curves):
     if curves == "auto":
         return  # OpenSSL's own list, as nginx leaves it
-    if bridge is not None:
+    if openssl.bridge is not None:
         try:
-            bridge.groups(ctx, curves)
-        except bridge.BridgeError as exc:
+            openssl.bridge.groups(ctx, curves)
+        except openssl.bridge.BridgeError as exc:
             raise ConfigError(str(exc))
         return
     try:
         ctx.set_ecdh_curve(curves)
     except (ValueError, ssl.SSLError) as exc:
         raise ConfigError('SSL_CTX_set1_curves_list("%s") failed (%s): without mailproxy\'s OpenSSL bridge '
-                          '(%s) one named curve only can be set' % (curves, exc, bridge_off_reason))
+                          '(%s) one named curve only can be set' % (curves, exc, openssl.bridge_off_reason))
 
 
 def _set_sessions(ctx, server, pairs):
     """ssl_session_cache, ssl_session_timeout, ssl_session_ticket_key and the session id context."""
     cache = server.ssl_session_cache
     if cache in ("off", "none"):
-        bridge.session_cache(ctx, cache, timeout=server.ssl_session_timeout)
+        openssl.bridge.session_cache(ctx, cache, timeout=server.ssl_session_timeout)
     else:
         builtin, zone = None, None
         for entry in cache:
@@ -317,12 +287,12 @@ def _set_sessions(ctx, server, pairs):
                 builtin = entry[1] or 0
             else:
                 zone = _shared_zone(entry[1], entry[2])
-        bridge.session_cache(ctx, "cache", builtin, zone, timeout=server.ssl_session_timeout)
+        openssl.bridge.session_cache(ctx, "cache", builtin, zone, timeout=server.ssl_session_timeout)
         ctx.mailproxy_zone = zone  # the SSL_CTX points into it: it must live as long as the context
-    bridge.session_id_context(ctx, _session_id_context(server, pairs))
+    openssl.bridge.session_id_context(ctx, _session_id_context(server, pairs))
     keys = [_read_ticket_key(path) for path in server.ssl_session_ticket_key]
     if keys:
-        bridge.ticket_keys(ctx, keys)
+        openssl.bridge.ticket_keys(ctx, keys)
 
 
 def _shared_zone(name, size):
@@ -333,7 +303,7 @@ def _shared_zone(name, size):
         if name in _zones_used:
             raise ConfigError('the size %d of shared memory zone "%s" conflicts with already declared size %d'
                               % (size, name, zone.size))
-        zone = _zones[name] = bridge.SharedZone(size)
+        zone = _zones[name] = openssl.bridge.SharedZone(size)
     _zones_used.add(name)
     return zone
 
@@ -385,9 +355,9 @@ def _refuse_unsupported(server):
     for key in server.ssl_certificate_key:
         if key.startswith(("engine:", "store:")):
             refuse("ssl_certificate_key", 'keys from "%s" need an OpenSSL engine or store' % key)
-    if bridge is not None:
+    if openssl.bridge is not None:
         return
-    why = "it needs mailproxy's OpenSSL bridge, which is off: %s" % bridge_off_reason
+    why = "it needs mailproxy's OpenSSL bridge, which is off: %s" % openssl.bridge_off_reason
     if server.ssl_session_ticket_key:
         refuse("ssl_session_ticket_key", why)
     if server.ssl_conf_command:
@@ -400,94 +370,12 @@ def _refuse_unsupported(server):
         refuse("ssl_ecdh_curve", why)
 
 
-def _set_protocols(ctx, names):
-    usable = sorted((n for n in names if n in _VERSIONS), key=_ORDER.index)
-    if not usable:
-        # Only SSLv2 asked for: OpenSSL has none, so every handshake fails, as with nginx.
-        usable = ["TLSv1.3"]
-        ctx.options |= ssl.OP_NO_TLSv1_3
-    ctx.minimum_version = _VERSIONS[usable[0]]
-    ctx.maximum_version = _VERSIONS[usable[-1]]
-    gaps = [n for n in _ORDER[_ORDER.index(usable[0]):_ORDER.index(usable[-1])] if n not in usable]
-    with warnings.catch_warnings():
-        # Deprecated in favour of min/max versions, but the only way to leave a hole such as TLSv1.1.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in gaps:
-            if name in _NO_VERSION:
-                ctx.options |= getattr(ssl, _NO_VERSION[name])
-
-
 def _load_certificates(ctx, server, pairs):
-    passwords = _read_passwords(server.ssl_password_file)
+    passwords = openssl.read_passwords(server.ssl_password_file)
     for cert, key in pairs:
-        with _readable(cert) as cert_path, _readable(key) as key_path:
-            _check_certificate_file(cert, cert_path)
-            _load_pair(ctx, cert, cert_path, key, key_path, passwords)
-
-
-def _read_passwords(path):
-    if path is None:
-        return [None]
-    try:
-        with open(path, "rb") as f:
-            lines = [line.rstrip(b"\r\n") for line in f]
-    except OSError as exc:
-        raise ConfigError('cannot open "%s" (%d: %s)' % (path, exc.errno or 0, exc.strerror))
-    lines = [line for line in lines if line]
-    if not lines:
-        raise ConfigError('no passphrases found in "%s"' % path)
-    return lines
-
-
-def _check_certificate_file(name, path):
-    # load_cert_chain reports cert and key problems alike; reading the certificates alone first lets
-    # the message name the file at fault, as nginx's does.
-    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        scratch.load_verify_locations(cafile=path)
-    except OSError as exc:
-        raise ConfigError('cannot load certificate "%s": %s' % (name, _load_failure(exc)))
-
-
-def _load_pair(ctx, cert, cert_path, key, key_path, passwords):
-    last = None
-    for password in passwords:
-        try:
-            ctx.load_cert_chain(cert_path, key_path, password=password)
-            return
-        except ssl.SSLError as exc:
-            if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
-                raise ConfigError('SSL_CTX_use_PrivateKey("%s") failed (SSL: %s)' % (key, ssl_error_text(exc)))
-            last = exc
-        except OSError as exc:
-            last = exc
-    raise ConfigError('cannot load certificate key "%s": %s' % (key, _load_failure(last)))
-
-
-def _load_failure(exc):
-    if isinstance(exc, ssl.SSLError):
-        return "PEM_read_bio() failed (SSL: %s)" % ssl_error_text(exc)
-    return "BIO_new_file() failed (%d: %s)" % (exc.errno or 0, exc.strerror or exc)
-
-
-class _readable:
-    """A path OpenSSL can open for a config value: the file itself, or a memfd holding `data:` text."""
-
-    def __init__(self, value):
-        self.value = value
-        self.fd = None
-
-    def __enter__(self):
-        if not self.value.startswith("data:"):
-            return self.value
-        self.fd = os.memfd_create("mailproxy-tls")
-        os.write(self.fd, self.value[5:].encode())
-        return "/proc/self/fd/%d" % self.fd
-
-    def __exit__(self, *exc_info):
-        if self.fd is not None:
-            os.close(self.fd)
-        return False
+        with openssl.readable(cert) as cert_path, openssl.readable(key) as key_path:
+            openssl.check_certificate_file(cert, cert_path)
+            openssl.load_pair(ctx, cert, cert_path, key, key_path, passwords)
 
 
 def _load_client_verification(ctx, server):
@@ -500,35 +388,22 @@ def _load_client_verification(ctx, server):
         path = getattr(server, directive)
         if path:
             try:
-                with _readable(path) as readable:
+                with openssl.readable(path) as readable:
                     ctx.load_verify_locations(cafile=readable)
             except OSError as exc:
-                raise ConfigError('cannot load "%s" file "%s": %s' % (directive, path, _load_failure(exc)))
+                raise ConfigError('cannot load "%s" file "%s": %s' % (directive, path, openssl.load_failure(exc)))
     if server.ssl_crl:
         try:
             ctx.load_verify_locations(cafile=server.ssl_crl)
         except OSError as exc:
-            raise ConfigError('X509_LOOKUP_load_file("%s") failed (%s)' % (server.ssl_crl, _any_text(exc)))
+            raise ConfigError('X509_LOOKUP_load_file("%s") failed (%s)' % (server.ssl_crl, openssl.any_text(exc)))
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
-    if bridge is not None:
+    if openssl.bridge is not None:
         try:
-            with _readable(server.ssl_client_certificate or "") as client_ca:
-                bridge.verify_client(ctx, server.ssl_verify_depth, client_ca or None)
-        except bridge.BridgeError as exc:
+            with openssl.readable(server.ssl_client_certificate or "") as client_ca:
+                openssl.bridge.verify_client(ctx, server.ssl_verify_depth, client_ca or None)
+        except openssl.bridge.BridgeError as exc:
             raise ConfigError(str(exc))
-
-
-def ssl_error_text(exc):
-    """OpenSSL's reason as nginx shows it, without Python's "[SSL: NAME]" prefix and "(_ssl.c:N)" tail."""
-    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
-    if text.startswith("["):
-        text = text.partition("] ")[2] or text
-    cut = text.rfind(" (_ssl.c:")
-    return text[:cut] if cut > 0 else text
-
-
-def _any_text(exc):
-    return "SSL: " + ssl_error_text(exc) if isinstance(exc, ssl.SSLError) else "%d: %s" % (exc.errno or 0, exc.strerror)
 
 
 # -- after the handshake ---------------------------------------------------------------------------
@@ -560,8 +435,8 @@ class Verdict:
 def client_verdict(sock, server) -> Verdict:
     """After each handshake: the client-certificate check of spec 2.0.9, in nginx's order (the
     verification's result, then the certificate `on` requires)."""
-    if bridge is not None:
-        bridge.keep_session(sock)
+    if openssl.bridge is not None:
+        openssl.bridge.keep_session(sock)
     mode = server.ssl_verify_client
     if mode == "off":
         return Verdict(True)
@@ -577,16 +452,16 @@ def client_verdict(sock, server) -> Verdict:
 
 def _forget_session(sock):
     # A refused client must not resume its way past the check (nginx's ngx_ssl_remove_cached_session).
-    if bridge is not None:
-        bridge.remove_session(sock)
+    if openssl.bridge is not None:
+        openssl.bridge.remove_session(sock)
 
 
 def _verify_error(sock, server):
     """(X509_V_ERR code, OpenSSL's text) of the client certificate's verification, or None."""
     if sock.getpeercert(binary_form=True) is None:
         return None
-    if bridge is not None:
-        code, text = bridge.verify_result(sock)
+    if openssl.bridge is not None:
+        code, text = openssl.bridge.verify_result(sock)
         return None if code == 0 else (code, text)
     # Without the bridge OpenSSL verified the chain with its own depth limit (a failure was an alert);
     # ssl_verify_depth 1 (the default) also demands that the certificate be issued by a trusted CA
