@@ -612,7 +612,7 @@ cdef class SharedZone:
         self.size = size
 
     def __dealloc__(self):
-        # Only the contexts that point into it hold it (tls.py keeps it on them): none is left.
+        # Only the contexts that point into it hold it (tls/client.py keeps it on them): none is left.
         if self.zone != NULL:
             mp_zone_unmap(self.zone, self.size)
 
