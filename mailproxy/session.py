@@ -485,17 +485,18 @@ class Session:
             self.login_done("invalid")
             if limit_keys and limiter.failed(limit_keys):
                 self.log("notice", "too many failed logins, blocked for %gs" % limiter.limit.block)
-            if outcome.wait:
-                self.pause(outcome.wait)
             actions = self.machine.auth_failed(
                 outcome.text,
                 wait=bool(outcome.wait),
                 error_code=outcome.error_code,
                 sasl_error=outcome.sasl_error,
             )
-            # nginx logs the verdict ("client login failed") while still in the http auth state.
+            # nginx logs the verdict ("client login failed") while still in the http auth state, before
+            # the Auth-Wait: a client that leaves during the wait still has its failure logged.
             while actions and isinstance(actions[0], Log):
                 self.execute([actions.pop(0)])
+            if outcome.wait:
+                self.pause(outcome.wait)
             self.action = "in auth state"
             if outcome.wait:
                 self.arm_deadline()

@@ -64,6 +64,8 @@ def test_session_ends_when_client_leaves_during_wait(edge, protocol, reply):
     leave_while_waiting(ports[protocol], LOGINS[protocol], auth, before)
     # The session notices the EOF at once, well before the Auth-Wait is over.
     master.wait_log("client closed connection while in http auth state", timeout=1.5)
+    if reply is FAIL_WAIT:
+        assert 'client login failed: "Invalid login or password"' in master.error_log()
     assert len(auth.requests) == before + 1
     backend.settimeout(0)
     with pytest.raises(BlockingIOError):
