@@ -11,14 +11,13 @@ import os
 import socket
 import time
 
-from mailproxy import netio
+from mailproxy import netio, proxy_protocol
 from mailproxy.tls import upstream as upstream_tls
 from mailproxy.upstream import imap as upstream_imap
 from mailproxy.upstream import pop3 as upstream_pop3
 from mailproxy.upstream import sieve as upstream_sieve
 from mailproxy.upstream import smtp as upstream_smtp
 from mailproxy.upstream.common import READING, Failed, LoggedIn, LogPhase, Send, StartTLS
-from mailproxy.upstream.proxy_protocol import header_v1, header_v2
 
 _READ_SIZE = 16384
 
@@ -184,10 +183,10 @@ class BackendLogin:
     def proxy_header(self):
         local = self.client_sock.getsockname()
         family = self.client_sock.family
-        build = header_v2 if self.server.proxy_protocol == "v2" else header_v1
         if family == socket.AF_UNIX:
-            return build(None, None, None, None, family)
-        return build(self.client_ip, self.client_port, local[0], local[1], family)
+            return proxy_protocol.header(self.server.proxy_protocol, None, None, None, None, family)
+        return proxy_protocol.header(self.server.proxy_protocol, self.client_ip, self.client_port, local[0],
+                                     local[1], family)
 
     def send(self, data):
         self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))

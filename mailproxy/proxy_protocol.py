@@ -1,14 +1,18 @@
-"""PROXY protocol headers a balancer puts in front of a client's bytes (spec 2.0.10), sans-IO.
+"""The PROXY protocol, both ways, sans-IO: the header a balancer puts in front of a client's bytes
+(spec 2.0.10) and the one mailproxy writes to a backend before its greeting (spec 4.1).
 
 ``parse(data)`` takes the bytes peeked from a fresh connection and answers ``(ProxyHeader, consumed)``
 or raises ``BrokenHeader`` whose ``log_message`` is the error-log text. The whole header must be in
 ``data``: nginx peeks once and does not wait for the rest, so a header cut by the network is as broken
 as a malformed one, and this module never asks for more bytes.
 
-The towards-backend direction (the headers mailproxy writes) lives in mailproxy/upstream/proxy_protocol.py.
+``header(version, ...)`` spells the header towards a backend. The source is the client after realip, the
+destination the listener the client connected to; both are plain values, so the session decides what
+"the client" is.
 """
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -160,3 +164,60 @@ def trusted(peer_ip: str, networks) -> bool:
         if mapped is not None and network.version == 4 and mapped in network:
             return True
     return False
+
+
+# -- towards a backend (spec 4.1) ----------------------------------------------------------------
+
+_V2_VERSION = 0x20
+_V2_LOCAL = 0x00
+_V2_PROXY = 0x01
+_V2_UNSPEC = 0x00
+_V2_TCP4 = 0x11
+_V2_TCP6 = 0x21
+
+
+def _pair(client_addr, local_addr, family):
+    """Both addresses as one family, or None when there is no IP client (unix sockets).
+
+    realip can turn an IPv6 listener's client into an IPv4 one; a header with mixed families is
+    invalid, so IPv4 is then written in its IPv4-mapped IPv6 form.
+    """
+    if family == socket.AF_UNIX:
+        return None
+    client = ipaddress.ip_address(client_addr)
+    local = ipaddress.ip_address(local_addr)
+    if client.version != local.version:
+        if client.version == 4:
+            client = ipaddress.IPv6Address("::ffff:" + str(client))
+        else:
+            local = ipaddress.IPv6Address("::ffff:" + str(local))
+    return client, local
+
+
+def header_v1(client_addr, client_port, local_addr, local_port, family) -> bytes:
+    pair = _pair(client_addr, local_addr, family)
+    if pair is None:
+        return b"PROXY UNKNOWN\r\n"
+    client, local = pair
+    proto = "TCP4" if client.version == 4 else "TCP6"
+    return ("PROXY %s %s %s %d %d\r\n" % (proto, client, local, client_port, local_port)).encode(
+        "ascii"
+    )
+
+
+def header_v2(client_addr, client_port, local_addr, local_port, family) -> bytes:
+    pair = _pair(client_addr, local_addr, family)
+    if pair is None:
+        # LOCAL tells the backend to use the connection's own addresses: a unix client has none
+        # that would mean anything to it.
+        return V2_SIGNATURE + struct.pack("!BBH", _V2_VERSION | _V2_LOCAL, _V2_UNSPEC, 0)
+    client, local = pair
+    fam = _V2_TCP4 if client.version == 4 else _V2_TCP6
+    body = client.packed + local.packed + struct.pack("!HH", client_port, local_port)
+    return V2_SIGNATURE + struct.pack("!BBH", _V2_VERSION | _V2_PROXY, fam, len(body)) + body
+
+
+def header(version: str, client_addr, client_port, local_addr, local_port, family) -> bytes:
+    """The header for ``proxy_protocol`` ("v1" or "v2"; nginx's "on" means v1)."""
+    build = header_v2 if version == "v2" else header_v1
+    return build(client_addr, client_port, local_addr, local_port, family)

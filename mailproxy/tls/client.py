@@ -211,11 +211,7 @@ def build_context(server, pairs=None) -> ssl.SSLContext:
     _refuse_unsupported(server)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     openssl.set_protocols(ctx, server.ssl_protocols)
-    try:
-        ctx.set_ciphers(server.ssl_ciphers)
-    except ssl.SSLError:
-        # CPython replaces OpenSSL's reason with its own sentence; the only reason is this one.
-        raise ConfigError('SSL_CTX_set_cipher_list("%s") failed (SSL: no cipher match)' % server.ssl_ciphers)
+    openssl.set_ciphers(ctx, server.ssl_ciphers)
     if server.ssl_prefer_server_ciphers:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     else:

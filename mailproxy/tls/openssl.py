@@ -42,6 +42,14 @@ _NO_VERSION = {
 }
 _ORDER = ["SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
+def set_ciphers(ctx, ciphers):
+    try:
+        ctx.set_ciphers(ciphers)
+    except ssl.SSLError:
+        # CPython replaces OpenSSL's reason with its own sentence; the only reason is this one.
+        raise ConfigError('SSL_CTX_set_cipher_list("%s") failed (SSL: no cipher match)' % ciphers) from None
+
+
 def set_protocols(ctx, names):
     usable = sorted((n for n in names if n in VERSIONS), key=_ORDER.index)
     if not usable:

@@ -86,10 +86,7 @@ def build_context(server) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # the name is matched after the handshake, apart from SNI (module doc)
     openssl.set_protocols(ctx, server.proxy_ssl_protocols)
-    try:
-        ctx.set_ciphers(server.proxy_ssl_ciphers)
-    except ssl.SSLError:
-        raise ConfigError('SSL_CTX_set_cipher_list("%s") failed (SSL: no cipher match)' % server.proxy_ssl_ciphers)
+    openssl.set_ciphers(ctx, server.proxy_ssl_ciphers)
     if server.proxy_ssl_verify:
         if not server.proxy_ssl_trusted_certificate:
             raise ConfigError("no proxy_ssl_trusted_certificate for proxy_ssl_verify")

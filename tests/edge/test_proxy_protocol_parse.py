@@ -19,7 +19,7 @@ from mailproxy.proxy_protocol import (  # noqa: E402
     parse,
     trusted,
 )
-from mailproxy.upstream.proxy_protocol import header_v1, header_v2  # noqa: E402
+from mailproxy.proxy_protocol import header_v1, header_v2  # noqa: E402
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "300"))
 

@@ -23,7 +23,7 @@ from mailproxy.upstream import (  # noqa: E402
     Send,
     SmtpUpstreamLogin,
 )
-from mailproxy.upstream.proxy_protocol import header  # noqa: E402
+from mailproxy.proxy_protocol import header  # noqa: E402
 
 
 def test_missing_binary_skips_but_fails_under_ci(monkeypatch):

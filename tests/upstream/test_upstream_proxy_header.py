@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from mailproxy.upstream.proxy_protocol import header, header_v1, header_v2
+from mailproxy.proxy_protocol import header, header_v1, header_v2
 
 
 def decode_v2(data: bytes):
