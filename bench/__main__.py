@@ -1,8 +1,9 @@
 """mailproxy side by side with Debian's nginx mail proxy (issue 15).
 
-    python -m bench              # full: 3 rounds, 1 and 2 workers, 1 GiB streams, 9,900 idle sessions
-    python -m bench --keepalive  # also mailproxy with auth_http_keepalive on (a third engine per round)
+    python -m bench              # full: 3 rounds, 1 and 2 workers, 1 GiB streams, 9,900 idle sessions,
+                                 # mailproxy with auth_http_keepalive off and on, system calls per login
     python -m bench --quick      # one round, one worker, small sizes (tests/test_bench_quick.py)
+    python -m bench --quick --keepalive  # quick, with the keep-alive engine too
 
 Starts the bench backends (IMAP, POP3, SMTP) and auth server (shared by both engines, and measured
 directly as the ceiling), then each engine in turn, A B A B, with the same mail{} block; load comes
@@ -18,18 +19,18 @@ import signal
 import sys
 import time
 
-from bench import engines, load, report
+from bench import engines, load, report, syscalls
 
 PROTOCOLS = ("imap", "pop3", "smtp")
 # Logins per (protocol, concurrency): three protocols at three concurrencies in every engine run, so the
 # counts are what keeps a full run near 20 minutes on two cores (5,000 logins at c=500 is still ten
 # sessions per client task).
 FULL = dict(rounds=3, workers=(1, 2), logins={1: 1000, 50: 5000, 500: 5000},
-            stream=1 << 30, parallel=(8, 128 << 20), idle=9900)
+            stream=1 << 30, parallel=(8, 128 << 20), idle=9900, syscalls=1000, keepalive=True)
 # 9,900 idle sessions: two descriptors each in the worker stay below the 20,000 hard limit, with room
 # for listeners, logs and auth requests; 10,000 cannot fit in one process with this limit.
 QUICK = dict(rounds=1, workers=(1,), logins={1: 100, 50: 200},
-             stream=256 << 20, parallel=(8, 32 << 20), idle=500)
+             stream=256 << 20, parallel=(8, 32 << 20), idle=500, syscalls=0, keepalive=False)
 
 
 class Progress:
@@ -83,6 +84,10 @@ def scenarios(plan, ports, progress, record, pids=None, idle=False):
                 record("%s CPU per login c=%d" % (name, conc), "µs",
                        1e6 * (cpu() - before) / max(1, count))
             progress.step("%s login c=%d" % (name, conc))
+        if plan["syscalls"] and pids and len(pids()) == 2 and syscalls.available():
+            # One worker: strace counts its calls over a fixed number of logins (counts, never times).
+            calls = syscalls.trace(pids()[1], ports[protocol], protocol, plan["syscalls"], 10)
+            record("%s system calls per login" % name, "calls", sum(calls.values()))
     relayed, before = 0, cpu()
     runs = [("relay 1 stream down", 1, plan["stream"], "down"),
             ("relay %d streams down" % plan["parallel"][0], plan["parallel"][0], plan["parallel"][1], "down"),
@@ -162,7 +167,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one round, small sizes (< 2 minutes)")
     parser.add_argument("--rounds", type=int, help="rounds of A B alternation")
     parser.add_argument("--keepalive", action="store_true",
-                        help="also run mailproxy with auth_http_keepalive on (a third engine per round)")
+                        help="also run mailproxy with auth_http_keepalive on (a third engine per round; "
+                             "always in full mode)")
     parser.add_argument("--out", default=os.path.join(engines.ROOT, "bench", "results"))
     parser.add_argument("--results-md", choices=("yes", "no"),
                         help="write bench/RESULTS.md (default: yes in full mode, no in quick mode)")
@@ -178,7 +184,7 @@ def main(argv=None):
     command = "python -m bench" + (" --quick" if args.quick else "") + (
         " --rounds %d" % args.rounds if args.rounds else "") + (" --keepalive" if args.keepalive else "")
     began = time.monotonic()
-    rows, warnings = run(plan, args.keepalive)
+    rows, warnings = run(plan, args.keepalive or plan["keepalive"])
     os.makedirs(args.out, exist_ok=True)
     table = report.write(rows, warnings, plan, args.out, command, time.monotonic() - began,
                          results_md=(args.results_md or ("no" if args.quick else "yes")) == "yes")

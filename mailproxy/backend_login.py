@@ -2,24 +2,30 @@
 
 The session hands over what the client said (AuthAttempt) and what the auth server decided (AuthOk);
 this module connects to the backend, writes the PROXY header, brings up TLS towards it and runs the
-sans-IO login machine of mailproxy/upstream/ on the socket, under one `timeout` deadline armed at the
-connect. The session keeps the client: it turns a failure into the protocol's reply and hands a
-logged-in backend to the relay.
+sans-IO login machine of mailproxy/upstream/ on the socket, under one `timeout` timer armed at the
+connect. Every step is a callback on the worker's loop (events.py): one non-blocking connect and one
+SO_ERROR read, TCP_NODELAY set once. The session keeps the client: it turns a failure into the protocol's
+reply and hands a logged-in backend to the relay.
 """
 
+import errno
 import os
-import socket
 import time
+from collections import deque
 
-from mailproxy import netio, proxy_protocol
+import _socket
+
+from mailproxy import proxy_protocol
+from mailproxy.events import READ, WRITE, Connection
+from mailproxy.protocols import PROTOCOLS, BackendLoginFacts
 from mailproxy.tls import upstream as upstream_tls
-from mailproxy.upstream import imap as upstream_imap
-from mailproxy.upstream import pop3 as upstream_pop3
-from mailproxy.upstream import sieve as upstream_sieve
-from mailproxy.upstream import smtp as upstream_smtp
 from mailproxy.upstream.common import READING, Failed, LoggedIn, LogPhase, Send, StartTLS
 
 _READ_SIZE = 16384
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
+
+# Queued behind the PROXY header and an implicit TLS handshake: from here the login machine talks.
+_MACHINE_READS = object()
 
 CONNECTING = "connecting to upstream"
 SENDING_PROXY_HEADER = "sending PROXY protocol header to upstream"
@@ -43,170 +49,252 @@ class BackendLogin:
 
     ``log(action, level, message)`` writes the session's line ``while <action>``: the session's
     suffix names the client, which this side never sees except for its address and identity.
-    After ``run``, returned or raised, ``sock`` is the backend socket (None when the connect or a
-    TLS handshake failed; the session closes it with the client, after the client's last reply)
-    and ``action`` the `while` text the login reached.
+    ``on_done(result)`` runs once, from the loop: the machine's LoggedIn (the reply for the client and
+    the backend bytes behind it) or a BackendLoginFailed whose log line is written. Then ``conn`` is the
+    backend connection (None when the connect or a TLS handshake failed; on a failure the session closes
+    it with the client, after the client's last reply), ``tls`` whether TLS runs on it, and ``action`` the
+    `while` text the login reached. ``cancel()`` stops a login whose session ended first. Every callback
+    runs through ``guard(step)``, the session's own (a bug in a step is the session's bug).
 
     ``debug(text)``, given when the session's error_log is at debug, writes its debug lines: connect,
     every read and send by size (a send carries the password: never its bytes), each login phase.
     """
 
-    __slots__ = ("server", "client_sock", "client_ip", "client_port", "client_host", "log", "metrics",
-                 "action", "sock", "tls", "deadline", "debug")
+    __slots__ = ("server", "loop", "client_sock", "client_ip", "client_port", "client_host", "log", "metrics",
+                 "guard", "debug", "action", "conn", "tls", "timer", "ok", "facts", "machine", "actions", "unsent",
+                 "began", "connected_at", "handshake", "after_handshake", "on_done")
 
-    def __init__(self, server, client_sock, client_ip, client_port, client_host, log, metrics, debug=None):
-        self.debug = debug
+    def __init__(self, server, loop, client_sock, client_ip, client_port, client_host, log, metrics, guard,
+                 debug=None):
         self.server = server
+        self.guard = guard  # guard(step, *args) runs each callback: the session's, a bug ends only it
+        self.loop = loop
         self.client_sock = client_sock
         self.client_ip = client_ip
         self.client_port = client_port
         self.client_host = client_host
         self.log = log
         self.metrics = metrics
+        self.debug = debug
         self.action = CONNECTING
-        self.sock = None
+        self.conn = None
         self.tls = False
+        self.timer = None
+        self.machine = None
+        self.handshake = None
+        self.unsent = None
+        self.on_done = None
 
-    def run(self, attempt, ok, login):
-        """Log in as ``login``; returns the machine's LoggedIn (the reply for the client and the
-        backend bytes behind it) or raises BackendLoginFailed."""
+    def start(self, attempt, ok, login, on_done):
+        """Connect and log in as ``login``."""
         server = self.server
-        password = ok.password if ok.password is not None else attempt.password
+        self.ok = ok
+        self.on_done = on_done
+        self.facts = (attempt, login, ok.password if ok.password is not None else attempt.password)
+        self.began = time.monotonic()
+        self.timer = self.loop.timer(server.timeout)
+        self.timer.start(self.guard, self._timed_out)
         self.action = CONNECTING
-        self.deadline = began = time.monotonic()
-        self.deadline += server.timeout
-        try:
-            self.sock = netio.connect_ip(ok.addr, ok.port, server.timeout)
-        except socket.timeout:
-            self.timed_out()
-        except OSError as exc:
-            self.fail("error", "connect() to %s failed (%s)" % (ok.upstream_text, _error_text(exc)))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = _socket.socket(ok.family, _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK)
+        self.conn = Connection(self.loop, sock)
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        code = sock.connect_ex((ok.addr, ok.port))
+        if code == 0:
+            self._connected()
+        elif code in _IN_PROGRESS:
+            self.conn.wait(WRITE, self.guard, self._connect_done)
+        else:
+            self._connect_failed(code)
+
+    def cancel(self):
+        self.on_done = None
+        self._stop()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    # --- the steps, each a callback -------------------------------------------------------------------
+
+    def _connect_done(self):
+        code = self.conn.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+        if code:
+            self._connect_failed(code)
+        else:
+            self._connected()
+
+    def _connect_failed(self, code):
+        self.conn.close()
+        self.conn = None
+        self._fail("error", "connect() to %s failed (%s)" % (self.ok.upstream_text, _error_text(code)))
+
+    def _connected(self):
+        server = self.server
         if self.debug:
-            self.debug("connect to %s, fd:%d" % (ok.upstream_text, self.sock.fileno()))
-        connected_at = time.monotonic()
-        self.metrics.connect_seconds.observe(connected_at - began)
+            self.debug("connect to %s, fd:%d" % (self.ok.upstream_text, self.conn.fd))
+        self.connected_at = time.monotonic()
+        self.metrics.connect_seconds.observe(self.connected_at - self.began)
+        attempt, login, password = self.facts
+        tls_mode = upstream_tls.wanted(server, self.ok.ssl_upstream)
+        self.machine = PROTOCOLS[server.protocol].backend_login(server, BackendLoginFacts(
+            login=login, password=password, attempt=attempt, ok=self.ok, client_ip=self.client_ip,
+            client_host=self.client_host, client_id=self._client_id(), starttls=tls_mode == "starttls"))
+        self.actions = deque()
         if server.proxy_protocol != "off":
             self.action = SENDING_PROXY_HEADER
-            self.send(self.proxy_header())
-        tls_mode = upstream_tls.wanted(server, ok.ssl_upstream)
+            self.actions.append(Send(self._proxy_header()))
         if tls_mode == "ssl":
-            self.handshake(ok)
-        machine = self.login_machine(attempt, ok, login, password, starttls=tls_mode == "starttls")
-        self.action = READING
-        while True:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                self.timed_out()
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(_READ_SIZE)
-            except socket.timeout:
-                self.timed_out()
-            except OSError as exc:
-                self.fail("error", "recv() failed (%s)" % _error_text(exc))
-            if self.debug:
-                self.debug("mail proxy recv: fd:%d %d of %d" % (self.sock.fileno(), len(data), _READ_SIZE))
-            for action in machine.receive_data(data):
-                if isinstance(action, Send):
-                    self.send(action.data)
-                elif isinstance(action, LogPhase):
-                    self.action = action.action
-                    if self.debug:
-                        self.debug("mail proxy " + action.action)
-                elif isinstance(action, StartTLS):
-                    self.handshake(ok)
-                elif isinstance(action, Failed):
-                    self.fail(action.level, action.log_message, action.client_reply)
-                elif isinstance(action, LoggedIn):
-                    if self.debug:
-                        self.debug("mail proxy logged in to %s" % ok.upstream_text)
-                    self.metrics.login_seconds.observe(time.monotonic() - connected_at)
-                    if self.tls:
-                        upstream_tls.remember(server, self.sock, ok.addr, ok.port)
-                    return action
+            self.actions.append(StartTLS())
+        self.actions.append(_MACHINE_READS)
+        self._resume()
 
-    def handshake(self, ok):
-        """proxy_ssl / proxy_starttls / Auth-SSL-Upstream (ours): TLS on the backend socket."""
-        action, self.action = self.action, upstream_tls.HANDSHAKING
-        sock, self.sock = self.sock, None  # the SSL socket takes over the descriptor
+    def _resume(self):
+        """Carry out the machine's actions in order; a send that must wait resumes here once written."""
+        actions = self.actions
+        while actions:
+            action = actions.popleft()
+            kind = type(action)
+            if kind is Send:
+                if not self._send(action.data):
+                    return
+            elif kind is LogPhase:
+                self.action = action.action
+                if self.debug:
+                    self.debug("mail proxy " + action.action)
+            elif action is _MACHINE_READS:
+                self.action = READING
+            elif kind is StartTLS:
+                self._start_tls()
+                return
+            elif kind is Failed:
+                self._fail(action.level, action.log_message, action.client_reply)
+                return
+            elif kind is LoggedIn:
+                self._logged_in(action)
+                return
+            else:
+                raise TypeError("unknown action %r" % (action,))
+        self.conn.wait(READ, self.guard, self._read)
+
+    def _read(self):
+        if self.on_done is None or self.unsent is not None:
+            return  # queued for decrypted bytes, but the login ended or a write waits first
+        conn = self.conn
         try:
-            self.sock = upstream_tls.handshake(self.server, sock, ok.addr, ok.port, self.deadline)
+            data = conn.recv(_READ_SIZE)
+        except OSError as exc:
+            self._fail("error", "recv() failed (%s)" % _error_text(exc.errno))
+            return
+        if data is None:
+            conn.wait(conn.want, self.guard, self._read)
+            return
+        if self.debug:
+            self.debug("mail proxy recv: fd:%d %d of %d" % (conn.fd, len(data), _READ_SIZE))
+        self.actions.extend(self.machine.receive_data(data))
+        self._resume()
+        if self.on_done is not None and conn.pending():
+            # Decrypted bytes wait inside OpenSSL: no socket event will say so.
+            self.loop.run_callback(self.guard, self._read)
+
+    def _send(self, data):
+        """Write ``data``; False when the rest waits for the socket (``_flush`` resumes)."""
+        conn = self.conn
+        try:
+            sent = conn.send(data)
+        except OSError as exc:
+            self._fail("error", "send() failed (%s)" % _error_text(exc.errno))
+            return False
+        if sent < len(data):
+            self.unsent = data[sent:]
+            conn.wait(conn.want, self.guard, self._flush)
+            return False
+        if self.debug:
+            self.debug("mail proxy send: fd:%d %d bytes" % (conn.fd, len(data)))
+        return True
+
+    def _flush(self):
+        if self._send(self.unsent):
+            self.unsent = None
+            self._resume()
+
+    def _start_tls(self):
+        """proxy_ssl / proxy_starttls / Auth-SSL-Upstream (ours): TLS on the backend socket."""
+        self.after_handshake, self.action = self.action, upstream_tls.HANDSHAKING
+        conn = self.conn
+        try:
+            self.handshake = upstream_tls.Handshake(self.server, conn.sock, self.ok.addr, self.ok.port)
+        except OSError as exc:
+            self._fail("error", "SSL_do_handshake() failed (%s)" % _error_text(exc.errno))
+            return
+        conn.sock = self.handshake.sock  # the SSL socket owns the descriptor now
+        self._handshake_step()
+
+    def _handshake_step(self):
+        try:
+            want = self.handshake.step()
         except upstream_tls.HandshakeFailed as exc:
-            sock.close()
-            self.fail(exc.level, exc.message)
+            self.conn.close()
+            self.conn = None
+            self._fail(exc.level, exc.message)
+            return
+        if want is not None:
+            self.conn.wait(want, self.guard, self._handshake_step)
+            return
+        self.conn.use_tls(self.handshake.sock)
         self.tls = True
         if self.debug:
-            self.debug("upstream SSL handshake done: %s" % self.sock.version())
-        if self.sock.session_reused:
+            self.debug("upstream SSL handshake done: %s" % self.conn.sock.version())
+        if self.conn.sock.session_reused:
             self.log(self.action, "debug", "upstream SSL session reused")
-        self.action = action
+        self.action = self.after_handshake
+        self._resume()
 
-    def login_machine(self, attempt, ok, login, password, starttls):
-        server = self.server
-        buffer = server.proxy_buffer
-        passes = server.proxy_pass_error_message
-        if server.protocol == "imap":
-            return upstream_imap.ImapUpstreamLogin(
-                login=login, password=password, tag=attempt.tag,
-                proxy_buffer=buffer, pass_error_message=passes, client_id=self.client_id(),
-                starttls=starttls, client_fields=attempt.imap_id,
-            )
-        if server.protocol == "pop3":
-            return upstream_pop3.Pop3UpstreamLogin(
-                login=login, password=password, proxy_buffer=buffer, pass_error_message=passes,
-                client_id=self.client_id(), starttls=starttls,
-            )
-        if server.protocol == "sieve":
-            return upstream_sieve.SieveUpstreamLogin(
-                login=login, password=password, proxy_buffer=buffer, pass_error_message=passes,
-                starttls=starttls,
-            )
-        return upstream_smtp.SmtpUpstreamLogin(
-            server_name=server.server_name, login=login, password=password,
-            method=attempt.method, helo=attempt.helo, esmtp=attempt.esmtp,
-            mail_from=attempt.mail_from, rcpt_to=attempt.rcpt_to,
-            client_addr=self.client_ip, client_host=self.client_host,
-            xclient=server.xclient,
-            # Auth-Method from the auth server (ours) overrides proxy_smtp_auth for this login.
-            smtp_auth=ok.smtp_auth if ok.smtp_auth is not None else server.proxy_smtp_auth,
-            proxy_buffer=buffer, pass_error_message=passes, starttls=starttls,
-        )
+    def _logged_in(self, logged_in):
+        if self.debug:
+            self.debug("mail proxy logged in to %s" % self.ok.upstream_text)
+        self.metrics.login_seconds.observe(time.monotonic() - self.connected_at)
+        if self.tls:
+            upstream_tls.remember(self.server, self.conn.sock, self.ok.addr, self.ok.port)
+        self._done(logged_in)
 
-    def client_id(self):
+    # --- endings ---------------------------------------------------------------------------------------
+
+    def _client_id(self):
         """proxy_client_id (ours): (client ip, port, local ip, port) for Dovecot's ID / XCLIENT, or None."""
         if not self.server.proxy_client_id or self.client_ip == "unix:":
             return None
         local = self.client_sock.getsockname()
         return (self.client_ip, self.client_port, local[0], local[1])
 
-    def proxy_header(self):
-        local = self.client_sock.getsockname()
+    def _proxy_header(self):
         family = self.client_sock.family
-        if family == socket.AF_UNIX:
+        if family == _socket.AF_UNIX:
             return proxy_protocol.header(self.server.proxy_protocol, None, None, None, None, family)
+        local = self.client_sock.getsockname()
         return proxy_protocol.header(self.server.proxy_protocol, self.client_ip, self.client_port, local[0],
                                      local[1], family)
 
-    def send(self, data):
-        self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
-        try:
-            netio.send_all(self.sock, data)
-        except socket.timeout:
-            self.timed_out()
-        except OSError as exc:
-            self.fail("error", "send() failed (%s)" % _error_text(exc))
-        if self.debug:
-            self.debug("mail proxy send: fd:%d %d bytes" % (self.sock.fileno(), len(data)))
-
-    def timed_out(self):
+    def _timed_out(self):
         self.log(self.action, "info", "upstream timed out (110: Connection timed out)")
-        raise BackendLoginFailed(timed_out=True)
+        self._done(BackendLoginFailed(timed_out=True))
 
-    def fail(self, level, message, client_reply=None):
+    def _fail(self, level, message, client_reply=None):
         self.log(self.action, level, message)
-        raise BackendLoginFailed(client_reply)
+        self._done(BackendLoginFailed(client_reply))
+
+    def _stop(self):
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+        if self.conn is not None:
+            self.conn.stop()
+
+    def _done(self, result):
+        self._stop()
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(result)
 
 
-def _error_text(exc):
-    return "%d: %s" % (exc.errno or 0, os.strerror(exc.errno or 0))
+def _error_text(code):
+    code = code or 0
+    return "%d: %s" % (code, os.strerror(code))

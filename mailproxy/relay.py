@@ -7,8 +7,11 @@ Shape, and why:
   small objects (no greenlet stack, no buffer): ~2 KiB RSS per idle session measured over 5,000
   (bench/relay_throughput.py; 3.5-6 KiB if all 5,000 log in at once, the allocator keeping the freed
   login greenlets), against nginx's ~11 KiB and a two-greenlet relay's ~29 KiB.
-* Plain sessions move bytes with splice(2) through a pipe borrowed from a per-process pool only while a
-  direction has bytes in flight, and returned as soon as the pipe is empty (mailproxy/_splice.pyx).
+* Plain sessions move bulk with splice(2) through a pipe borrowed from a per-process pool only while a
+  direction has bytes in flight, and returned as soon as the pipe is empty (mailproxy/_splice.pyx). A
+  direction starts with recv/send and turns to splice at its first read that fills the buffer: the
+  commands and replies of a mail dialogue (a LOGOUT and its BYE) cost two calls each that way, not a
+  pipe round trip.
 * TLS on either side (client, backend, or both) cannot be spliced. When the OpenSSL bridge is active
   (mailproxy/tls/openssl.py: `bridge`), such a session's directions run the TLS pump (mailproxy/_openssl.pyx,
   TlsPump): SSL_read/SSL_write, or recv/send on a plain side, in C with the GIL released, until
@@ -39,7 +42,7 @@ from typing import Callable
 import _socket
 import gevent
 
-from mailproxy import netio
+from mailproxy.events import failed_call
 
 if os.environ.get("MAILPROXY_NO_SPLICE") == "1":
     _splice = None
@@ -153,7 +156,7 @@ class _Direction:
 
     __slots__ = (
         "recv_into", "send", "src_fd", "dst_fd", "src_ssl", "bufsize", "backlog", "scratch_view",
-        "pipe", "use_splice", "moved", "eof", "eof_reason", "need",
+        "pipe", "use_splice", "may_splice", "moved", "eof", "eof_reason", "need",
         "src_read", "src_write", "dst_read", "dst_write", "tls_pump", "pump_needs",
     )
 
@@ -169,7 +172,8 @@ class _Direction:
         self.backlog = bytes(pending) if pending else None
         self.scratch_view = False
         self.pipe = None
-        self.use_splice = False
+        self.use_splice = False  # splicing now
+        self.may_splice = False  # splice once a read fills the buffer (see _copy)
         self.moved = 0
         self.eof = False
         self.eof_reason = eof_reason
@@ -204,7 +208,7 @@ class _Direction:
             # pump reads only once nothing is held, so a read error (nginx: an EOF) leaves nothing
             # undelivered, and a write error ends at once.
             self.moved += exc.moved
-            raise _End(netio.failed_call("recv" if exc.side == "src" else "send", exc)) from None
+            raise _End(failed_call("recv" if exc.side == "src" else "send", exc)) from None
         self.moved += moved
         if status == _tls_bridge.PUMP_EOF:
             raise _End(self.eof_reason)
@@ -220,7 +224,7 @@ class _Direction:
             except ssl.SSLWantReadError:
                 return self._park(self.dst_read)
             except OSError as exc:
-                raise _End(netio.failed_call("send", exc)) from None
+                raise _End(failed_call("send", exc)) from None
             self.moved += n
             self.backlog = self.backlog[n:] if n < len(self.backlog) else None
         self.scratch_view = False
@@ -260,13 +264,23 @@ class _Direction:
             except OSError as exc:
                 # nginx counts a read error as EOF: what was read before it is still delivered.
                 self.eof = True
-                self.eof_reason = netio.failed_call("recv", exc)
+                self.eof_reason = failed_call("recv", exc)
                 continue
             if n == 0:
                 self.eof = True
                 continue
             self.backlog = memoryview(buf)[:n]
             self.scratch_view = True
+            if self.src_ssl is None and n < self.bufsize:
+                # A short read from a plain socket drained it: the level-triggered watcher says when more
+                # (or the EOF) comes, so no read is spent to hear EAGAIN. A full one means bulk, which the
+                # splice pump moves with fewer calls a byte; the few bytes of a command or a LOGOUT never
+                # take a pipe (two calls where splice needs three, and no pipe round trip).
+                need = self._flush()
+                return need or self.src_read
+            if self.may_splice and not self.use_splice:
+                self.use_splice = True
+                return self._splice()
 
     def _splice(self):
         if self.backlog:
@@ -287,14 +301,14 @@ class _Direction:
             self.pipe = None
             if exc.errno == errno.EINVAL:
                 self._salvage(pipe)
-                self.use_splice = False
+                self.use_splice = self.may_splice = False
                 return self._copy()
             if exc.side == "src":
                 # The pump drains the pipe before every read, so nothing is lost here.
                 _pool.give(pipe)
-                raise _End(netio.failed_call("recv", exc)) from None
+                raise _End(failed_call("recv", exc)) from None
             pipe.close()
-            raise _End(netio.failed_call("send", exc)) from None
+            raise _End(failed_call("send", exc)) from None
         self.moved += moved
         if status == _splice.AGAIN_DST:
             self.pipe = pipe
@@ -329,7 +343,9 @@ class _Direction:
 
 def _detach(gsock):
     """Trade a gevent socket for a bare _socket.socket: the gevent object carries two io watchers and a
-    Python wrapper that an idle relayed session does not need."""
+    Python wrapper that an idle relayed session does not need. A bare socket is kept as it is."""
+    if type(gsock) is _socket.socket:
+        return gsock
     # Family, type and protocol are passed, not probed: from a descriptor alone the socket module asks
     # the kernel for each (three system calls a socket, six a login).
     raw = _socket.socket(gsock.family, gsock.type, gsock.proto, gsock.detach())
@@ -353,7 +369,7 @@ class Relay:
     )
 
     def __init__(self, client_sock, backend_sock, client_pending, backend_pending, proxy_timeout,
-                 proxy_buffer, client_buffer, tls, on_close, backend_tls=False):
+                 proxy_buffer, client_buffer, tls, on_close, backend_tls=False, nodelay=True, readers=None):
         self._loop = loop = gevent.get_hub().loop
         self._tls = tls
         self._backend_tls = backend_tls
@@ -376,24 +392,33 @@ class Relay:
             self._client = _detach(client_sock)
             self._client_fd = self._client.fileno()
             client_end = self._client
-        for sock in (self._client, self._backend):
-            _nodelay(sock)
+        if nodelay:
+            for sock in (self._client, self._backend):
+                _nodelay(sock)
         self._c2b = _Direction(client_end, self._client_fd, backend_end, self._backend_fd,
                                tls, backend_tls, client_pending, client_buffer, "client closed", True)
         self._b2c = _Direction(backend_end, self._backend_fd, client_end, self._client_fd,
                                backend_tls, tls, backend_pending, proxy_buffer, "backend closed", False)
         if SPLICE_AVAILABLE and not tls and not backend_tls:
-            self._c2b.use_splice = self._b2c.use_splice = True
+            self._c2b.may_splice = self._b2c.may_splice = True
         self._watchers = [None, None, None, None]
+        if readers is not None:
+            self._watchers[0], self._watchers[2] = readers
         self._timeout = proxy_timeout
         self._last = loop.now()
         self._timer = None
         if proxy_timeout and proxy_timeout > 0:
             self._timer = loop.timer(proxy_timeout)
             self._timer.start(self._on_timer)
-        # The first moves run from the loop, not from start(): on_close must never run before the
-        # caller holds the Relay.
-        loop.run_callback(self._event, CR | CW | BR | BW)
+        if tls or backend_tls or client_pending or backend_pending:
+            # Bytes to deliver, or decrypted bytes OpenSSL may hold that no socket event will announce:
+            # the first moves run from the loop, not from here (on_close must never run before the
+            # caller holds the Relay).
+            loop.run_callback(self._event, CR | CW | BR | BW)
+        else:
+            # Plain sockets with nothing pending: their readiness says when there is work.
+            self._c2b.need, self._b2c.need = CR, BR
+            self._arm(CR | BR)
 
     # -- readiness -------------------------------------------------------------------------------
 
@@ -505,11 +530,15 @@ class Relay:
 
 def start(client_sock, backend_sock, *, client_pending: bytes, backend_pending: bytes,
           proxy_timeout: float, proxy_buffer: int, client_buffer: int, tls: bool,
-          on_close: Callable[[RelayResult], None], backend_tls: bool = False) -> Relay:
+          on_close: Callable[[RelayResult], None], backend_tls: bool = False, nodelay: bool = True,
+          readers=None) -> Relay:
     """Hand both sockets to the relay and return at once; on_close(RelayResult) runs exactly once, in
     the hub, after both sockets are closed. It must not block (spawn a greenlet for anything slow).
     ``tls``/``backend_tls``: that side is a gevent SSLSocket (handshake done; gevent's, whose descriptor
     is non-blocking, not the standard library's), relayed by the TLS pump when the OpenSSL bridge is
-    active, else by copy."""
+    active, else by copy. Bare ``_socket.socket``s are taken as they are (non-blocking). ``nodelay``: set
+    TCP_NODELAY on both (a caller whose sockets already have it says False: one system call each).
+    ``readers``: the caller's stopped read watchers of the client's and the backend's descriptor (either
+    None), taken over instead of made anew."""
     return Relay(client_sock, backend_sock, client_pending, backend_pending, proxy_timeout,
-                 proxy_buffer, client_buffer, tls, on_close, backend_tls)
+                 proxy_buffer, client_buffer, tls, on_close, backend_tls, nodelay, readers)

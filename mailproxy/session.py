@@ -1,106 +1,101 @@
-"""One mail session: the place where the client's socket meets the client-facing protocol machines.
+"""One mail session before the relay: callbacks on the worker's loop, from accept to the relay's start.
 
-A greenlet runs ``handle`` from accept to the start of the relay: it greets the client, feeds its bytes
-to the protocol machine, carries out the machine's actions, asks the auth server, has backend_login.py
-log in to the backend and hands both sockets to the relay. Then the greenlet ends; the relay lives on io watchers alone, so an
-idle relayed session costs no greenlet stack.
+The worker calls ``handle`` from its accept callback; it returns at once. From then on every step is a
+callback on the worker's libev loop over the client's bare non-blocking socket (events.Connection): the
+PROXY header, the TLS handshake, the greeting, each client command fed to the sans-IO machine of
+protocol/, the login gate (login_gate.py: throttling, the auth cache, the auth_http exchange), the backend
+login (backend_login.py) and the hand-over of both sockets to the relay (relay.py). A phase's timeout is
+one timer; a wait is one io watcher. No greenlet runs a session: only the SMTP resolver, which is written
+for one, gets its own for its lookups.
+
+The machine's actions run in order from a queue: a send the client does not take at once parks the queue
+until the socket is writable, and an action that needs the loop (Authenticate, StartTLS) parks it until
+its answer; whatever follows it in the queue runs after the answer's own actions.
+
+Errors: a step that ends the session raises SessionClosed once its log line is written; ``run``, which
+wraps every callback, releases the session. Any other exception is a bug: `[alert]` with the traceback,
+and only this session ends.
 """
 
 import errno
 import select
-import socket
 import ssl
 import time
+from collections import deque
 
+import _socket
 import gevent
 from gevent import ssl as gevent_ssl
 from gevent.monkey import get_original
-from gevent.socket import wait_read
 
-from mailproxy.auth_http import cache as auth_cache
-from mailproxy.auth_http import request as auth_request
-from mailproxy.auth_http.client import AuthHttpClient
-from mailproxy.auth_http.response import (
-    AuthError,
-    AuthFail,
-    AuthHttpError,
-    AuthRetry,
-    decide,
-)
-from mailproxy.protocol import imap, pop3, sieve, smtp, sasl
-from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS, escape_for_log
-from mailproxy.backend_login import BackendLogin, BackendLoginFailed
 from mailproxy import log as errorlog
-from mailproxy import metrics, session_log, throttle
-from mailproxy import netio, proxy_protocol, relay, resolver
+from mailproxy import login_gate, proxy_protocol, relay, resolver, session_log
+from mailproxy.auth_http import request as auth_request
+from mailproxy.backend_login import BackendLogin, BackendLoginFailed
+from mailproxy.events import READ, WRITE, Connection, failed_call
+from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS, escape_for_log
 from mailproxy.tls import client as client_tls, openssl
 
 _READ_SIZE = 16384
-
-
-class _ProtocolSpec:
-    """What differs between the three protocols at the session's level."""
-
-    def __init__(self, name, config_class, machine_class):
-        self.name = name
-        self.config_class = config_class
-        self.machine_class = machine_class
-
-
-PROTOCOLS = {
-    "imap": _ProtocolSpec("imap", imap.ImapConfig, imap.ImapMachine),
-    "pop3": _ProtocolSpec("pop3", pop3.Pop3Config, pop3.Pop3Machine),
-    "smtp": _ProtocolSpec("smtp", smtp.SmtpConfig, smtp.SmtpMachine),
-    "sieve": _ProtocolSpec("sieve", sieve.SieveConfig, sieve.SieveMachine),
-}
-
-# Wire bytes and auth clients are prepared once per server block, not per session.
-_configs = {}
-_auth_clients = {}
-
-
-def auth_client(server):
-    entry = _auth_clients.get(id(server))
-    if entry is None or entry[0] is not server:
-        entry = (server, AuthHttpClient(server))
-        _auth_clients[id(server)] = entry
-    return entry[1]
-
-
-def protocol_config(server):
-    config = _configs.get(id(server))
-    if config is None or config[0] is not server:
-        config = (server, PROTOCOLS[server.protocol].config_class.from_server(server))
-        _configs[id(server)] = config
-    return config[1]
 
 
 class SessionClosed(Exception):
     """The session ends here; everything worth logging was logged."""
 
 
+class _Phase:
+    """A queue entry that changes the `while ...` of the session's log lines once the actions before
+    it have run (the greeting sent, the client is in the auth state)."""
+
+    __slots__ = ("action",)
+
+    def __init__(self, action):
+        self.action = action
+
+
+class _HandOver:
+    """A queue entry: the client has its login reply; the relay takes both sockets."""
+
+    __slots__ = ("logged_in",)
+
+    def __init__(self, logged_in):
+        self.logged_in = logged_in
+
+
+_IN_AUTH_STATE = _Phase("in auth state")
+
+
 def handle(sock, peer, listen, server, worker):
+    """The worker's session handler (``on_loop``: called from the accept callback, no greenlet)."""
+    if type(sock) is not _socket.socket:
+        # A handler that wraps this one hands over a gevent socket: the session wants the bare one.
+        bare = _socket.socket(sock.family, sock.type, sock.proto, sock.detach())
+        bare.setblocking(False)
+        sock = bare
     session = Session(sock, peer, listen, server, worker)
-    try:
-        session.run()
-    except SessionClosed:
-        pass
-    except gevent.GreenletExit:
-        raise
-    except Exception as exc:  # a bug must cost one session, never the worker
-        session.result = "error"
-        session.log_bug("session failed: %s: %s" % (type(exc).__name__, exc), exc)
-    finally:
-        session.release()
+    session.run(session.start)
+
+
+handle.on_loop = True
 
 
 class Session:
+    __slots__ = (
+        "loop", "client", "listen", "server", "worker", "runtime", "number", "client_ip", "client_port",
+        "error_log", "debugging", "action", "login", "machine", "upstream", "queue", "unsent", "timer",
+        "expiry", "write_timer", "pause_timer", "pause_then", "handshake_then", "gate", "attempt", "backend",
+        "resolving", "relay", "handed_to_relay", "released", "tls", "starttls", "ssl_info",
+        "proxy_protocol_info", "sni_name", "client_host", "started", "metrics", "result", "method",
+        "login_result", "ended", "token",
+    )
+
     def __init__(self, sock, peer, listen, server, worker):
-        self.sock = sock
+        self.loop = gevent.get_hub().loop
+        self.client = Connection(self.loop, sock)
         self.listen = listen
         self.server = server
         self.worker = worker
-        self.spec = PROTOCOLS[server.protocol]
+        self.runtime = worker.runtime_for(server)
         self.number = worker.next_connection_number()
         self.client_ip, self.client_port = _address_text(peer, listen)
         self.use_log(server)
@@ -108,25 +103,50 @@ class Session:
         self.login = b""
         self.machine = None
         self.upstream = None
-        self.deadline = None
+        self.queue = deque()
+        self.unsent = None
+        self.timer = None  # the phase's timeout; ``expiry`` says what its end means
+        self.expiry = None
+        self.write_timer = None
+        self.pause_timer = None
+        self.pause_then = None
+        self.handshake_then = None
+        self.gate = None
+        self.attempt = None
         self.backend = None
-        self.backend_tls = False
+        self.resolving = None
+        self.relay = None
         self.handed_to_relay = False
+        self.released = False
         self.tls = False
         self.starttls = False  # nginx tags the session's log lines "using starttls" from STARTTLS on
         self.ssl_info = None
         self.proxy_protocol_info = None
         self.sni_name = None
-        self.token = worker.session_started(self.close_now)
+        self.client_host = resolver.UNAVAILABLE
         # Observability (metrics.py, session_log.py): the result words are defined in session_log.py.
         self.started = time.monotonic()
-        self.metrics = metrics.for_protocol(server.protocol)
-        self.metrics.open.inc()
-        self.metrics.sessions.inc()
+        self.metrics = self.runtime.metrics
         self.result = None
         self.method = None
         self.login_result = None
         self.ended = False
+        # Last: from here the session owns the socket and its worker_connections slot.
+        self.token = worker.session_started(self.close_now)
+        self.metrics.open.inc()
+        self.metrics.sessions.inc()
+
+    def run(self, step, *args):
+        """Every callback of the session goes through here: a bug costs this session, never the worker."""
+        try:
+            step(*args)
+        except SessionClosed:
+            self.release()
+        except Exception as exc:
+            if not self.released:
+                self.result = "error"
+            self.log_bug("session failed: %s: %s" % (type(exc).__name__, exc), exc)
+            self.release()
 
     # -- logging ---------------------------------------------------------------------------------
 
@@ -134,7 +154,8 @@ class Session:
         """The server's error_log; a client listed in debug_connection gets every level on it."""
         self.error_log = self.worker.log_for(server)
         # debug_connection: the client's own address (before any PROXY header), nginx's networks test.
-        if proxy_protocol.trusted(self.client_ip, self.worker.config.main.debug_connection):
+        networks = self.worker.config.main.debug_connection
+        if networks and proxy_protocol.trusted(self.client_ip, networks):
             self.error_log = errorlog.ConnectionLog(self.error_log)
         # Checked before a debug line's text is even formatted: at other levels they cost one test.
         self.debugging = self.error_log.enabled("debug")
@@ -175,123 +196,209 @@ class Session:
         self.action = action
         self.log(level, message)
 
-    # -- the pre-relay phase ---------------------------------------------------------------------
+    # -- timers ----------------------------------------------------------------------------------
 
-    def run(self):
-        if self.debugging:
-            self.debug("accept: %s fd:%d" % (_peer_text(self.client_ip, self.client_port), self.sock.fileno()))
-        if self.error_log.enabled("info"):
-            self.error_log.log(
-                "info",
-                "client %s connected to %s" % (_peer_text(self.client_ip, self.client_port), self.listen.text),
-                self.number,
-            )
-        self.arm_deadline()
-        if self.listen.proxy_protocol:
-            self.read_proxy_protocol()
-        if self.listen.ssl:
-            self.handshake()
-        config = self.config = protocol_config(self.server)
-        self.client_host = "[UNAVAILABLE]"
-        if self.server.protocol == "smtp":
-            self.client_host = self.resolve_client_host()
-        if self.server.protocol == "pop3":
-            salt = sasl.make_salt(self.server.server_name) if config.needs_salt else None
-            self.machine = self.spec.machine_class(config, tls=self.tls, salt=salt)
-        else:
-            self.machine = self.spec.machine_class(config, tls=self.tls)
-        self.action = "sending client greeting line"
-        if self.server.protocol == "smtp" and self.server.smtp_greeting_delay > 0:
-            self.delay_greeting()
-        self.arm_deadline()
-        self.execute(self.machine.greeting())
-        self.action = "in auth state"
-        while True:
-            self.execute(self.machine.receive_data(self.recv()))
-
-    def delay_greeting(self):
-        self.action = "in delay pipelining state"
-        self.sock.settimeout(self.server.smtp_greeting_delay)
-        try:
-            early = self.sock.recv(_READ_SIZE)
-        except socket.timeout:
-            self.action = "sending client greeting line"
-            return
-        except OSError as exc:
-            self.fail_socket("recv", exc)
-        if not early:
-            raise SessionClosed()
-        self.execute(self.machine.early_input(early))
-        raise SessionClosed()
+    def arm(self, seconds, expiry):
+        """The phase's one timer: ``expiry()`` runs when ``seconds`` pass first."""
+        if self.timer is not None:
+            self.timer.close()
+        self.expiry = expiry
+        self.timer = self.loop.timer(seconds)
+        self.timer.start(self.run, self.expired)
 
     def arm_deadline(self):
-        self.deadline = time.monotonic() + self.server.timeout
+        """The `timeout` of the client's side: the PROXY header, the handshake, the commands."""
+        self.arm(self.server.timeout, self.timed_out)
 
-    def recv(self):
-        remaining = self.deadline - time.monotonic() if self.deadline else None
-        if remaining is not None and remaining <= 0:
-            self.timed_out()
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(_READ_SIZE)
-        except socket.timeout:
-            self.timed_out()
-        except OSError as exc:
-            self.fail_socket("recv", exc)
-        if self.debugging:
-            self.debug("recv: fd:%d %d of %d" % (self.sock.fileno(), len(data), _READ_SIZE))
-        return data
+    def disarm(self):
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+
+    def expired(self):
+        self.disarm()
+        self.expiry()
 
     def timed_out(self):
         self.result = "timeout"
         self.log("info", "client timed out (110: Connection timed out)")
         raise SessionClosed()
 
+    # -- the pre-relay phase ---------------------------------------------------------------------
+
+    def start(self):
+        if self.debugging:
+            self.debug("accept: %s fd:%d" % (_peer_text(self.client_ip, self.client_port), self.client.fd))
+        if self.error_log.enabled("info"):
+            self.error_log.log(
+                "info",
+                "client %s connected to %s" % (_peer_text(self.client_ip, self.client_port), self.listen.text),
+                self.number,
+            )
+        if self.listen.proxy_protocol or self.listen.ssl:
+            self.arm_deadline()  # the greeting arms it anew: from then on it counts the commands
+        if self.listen.proxy_protocol:
+            self.action = "reading PROXY protocol"
+            self.client.wait(READ, self.run, self.read_proxy_protocol)
+            return
+        self.after_proxy_protocol()
+
+    def after_proxy_protocol(self):
+        if self.listen.ssl:
+            # listen ... ssl: the TLS handshake before the greeting (spec 2.0.1).
+            self.tls_handshake(self.prepare_machine)
+            return
+        self.prepare_machine()
+
+    def prepare_machine(self):
+        self.action = None
+        runtime = self.runtime
+        self.machine = runtime.protocol.machine_class(runtime.config, tls=self.tls)
+        if runtime.protocol.resolves_client:
+            self.resolve_client_host()
+            return
+        self.greet()
+
+    def greet(self):
+        self.action = "sending client greeting line"
+        delay = self.runtime.protocol.greeting_delay(self.server)
+        if delay > 0:
+            self.action = "in delay pipelining state"
+            self.arm(delay, self.greeting_delay_over)
+            self.client.wait(READ, self.run, self.early_input)
+            return
+        self.send_greeting()
+
+    def greeting_delay_over(self):
+        self.client.stop()
+        self.action = "sending client greeting line"
+        self.send_greeting()
+
+    def early_input(self):
+        """smtp_greeting_delay: a client that talks before the greeting is refused."""
+        early = self.recv(self.early_input)
+        if early is None:
+            return
+        if not early:
+            raise SessionClosed()
+        self.disarm()
+        self.client.stop()
+        self.execute(self.machine.early_input(early) + [Close()])
+
+    def send_greeting(self):
+        self.arm_deadline()
+        self.execute(self.machine.greeting() + [_IN_AUTH_STATE])
+
+    # -- the client's socket ---------------------------------------------------------------------
+
+    def recv(self, again):
+        """The client's next bytes, b"" at EOF, or None when ``again`` waits for the socket."""
+        client = self.client
+        try:
+            data = client.recv(_READ_SIZE)
+        except OSError as exc:
+            self.fail_socket("recv", exc)
+        if data is None:
+            client.wait(client.want, self.run, again)
+            return None
+        if self.debugging:
+            self.debug("recv: fd:%d %d of %d" % (client.fd, len(data), _READ_SIZE))
+        return data
+
+    def read_command(self):
+        if self.client.pending():
+            # Decrypted bytes wait inside OpenSSL: no socket event will say so.
+            self.loop.run_callback(self.run, self.client_readable)
+        else:
+            self.client.wait(READ, self.run, self.client_readable)
+
+    def client_readable(self):
+        if self.unsent is not None:
+            return  # queued for decrypted bytes while a reply waits to be written: flush resumes
+        if self.released or not self.machine.reading:
+            self.client.stop()  # a callback queued before the session moved on
+            return
+        data = self.recv(self.client_readable)
+        if data is not None:
+            self.execute(self.machine.receive_data(data))
+
     def fail_socket(self, call, exc):
-        self.log("info", netio.failed_call(call, exc))
+        self.log("info", failed_call(call, exc))
         raise SessionClosed()
 
     def send(self, data):
-        self.sock.settimeout(self.server.timeout)
+        """Write ``data`` to the client; False when the rest waits for the socket (``flush`` resumes)."""
+        client = self.client
         try:
-            netio.send_all(self.sock, data)
-        except socket.timeout:
-            self.timed_out()
+            sent = client.send(data)
         except OSError as exc:
             self.fail_socket("send", exc)
+        if sent < len(data):
+            self.unsent = data[sent:]
+            client.wait(client.want, self.run, self.flush)
+            if self.write_timer is None:
+                self.write_timer = self.loop.timer(self.server.timeout)
+                self.write_timer.start(self.run, self.timed_out)
+            return False
         if self.debugging:
-            self.debug("send: fd:%d %d bytes" % (self.sock.fileno(), len(data)))
+            self.debug("send: fd:%d %d bytes" % (client.fd, len(data)))
+        return True
+
+    def flush(self):
+        if self.send(self.unsent):
+            self.unsent = None
+            self.write_timer.close()
+            self.write_timer = None
+            self.resume()
+
+    # -- the machine's actions -------------------------------------------------------------------
 
     def execute(self, actions):
-        for action in actions:
-            if isinstance(action, Send):
-                self.send(action.data)
-            elif isinstance(action, Log):
+        """Run ``actions`` before anything still queued (they answer what parked the queue)."""
+        self.queue.extendleft(reversed(actions))
+        self.resume()
+
+    def resume(self):
+        queue = self.queue
+        while queue:
+            action = queue.popleft()
+            kind = type(action)
+            if kind is Send:
+                if not self.send(action.data):
+                    return
+            elif kind is Log:
                 self.log(action.level, action.message)
-            elif isinstance(action, Close):
+            elif kind is _Phase:
+                self.action = action.action
+            elif kind is Close:
                 raise SessionClosed()
-            elif isinstance(action, Authenticate):
+            elif kind is Authenticate:
+                # The client is not read while its login is decided (its bytes wait in the kernel); a
+                # level-triggered watcher left armed would fire for them without end.
+                self.client.stop()
                 self.authenticate(action.request)
-            elif isinstance(action, StartTLS):
+                return
+            elif kind is StartTLS:
                 self.start_tls()
+                return
+            elif kind is _HandOver:
+                self.hand_over(action.logged_in)
+                return
             else:
                 raise TypeError("unknown action %r" % (action,))
+        self.read_command()
 
-    # -- hooks filled by the edge modules (PROXY protocol, TLS, resolver) --------------------------
+    # -- PROXY protocol, TLS, resolver -----------------------------------------------------------
 
     def read_proxy_protocol(self):
         """listen ... proxy_protocol: read the header, apply set_real_ip_from (spec 2.0.10)."""
-        self.action = "reading PROXY protocol"
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            self.timed_out()
-        self.sock.settimeout(remaining)
+        sock = self.client.sock
         try:
             # One peek, as nginx: a header split across segments is refused rather than waited for,
             # and nothing past the header leaves the kernel buffer before the machine wants it.
-            peeked = self.sock.recv(proxy_protocol.PEEK_SIZE, socket.MSG_PEEK)
-        except socket.timeout:
-            self.timed_out()
+            peeked = sock.recv(proxy_protocol.PEEK_SIZE, _socket.MSG_PEEK)
+        except BlockingIOError:
+            return  # the watcher stays armed
         except OSError as exc:
             self.fail_socket("recv", exc)
         try:
@@ -301,121 +408,175 @@ class Session:
             self.log("error", exc.log_message)
             raise SessionClosed()
         while consumed:
+            # The bytes were peeked: they are in the kernel's buffer, so this never waits.
             try:
-                chunk = self.sock.recv(consumed)
+                chunk = sock.recv(consumed)
             except OSError as exc:
                 self.fail_socket("recv", exc)
             if not chunk:
                 raise SessionClosed()
             consumed -= len(chunk)
+        self.client.stop()
         self.proxy_protocol_info = header
         networks = self.server.set_real_ip_from
         if header.src_addr is not None and networks and proxy_protocol.trusted(self.client_ip, networks):
             self.client_ip, self.client_port = header.src_addr, header.src_port
         self.action = None
-
-    def handshake(self):
-        """listen ... ssl: the TLS handshake before the greeting (spec 2.0.1)."""
-        self.tls_handshake()
-        self.action = None
+        self.after_proxy_protocol()
 
     def start_tls(self):
         """STARTTLS/STLS accepted by the machine: handshake, then machine.tls_established()."""
         # From here on nginx tags every log line of the session, even a failed handshake's.
         self.starttls = True
         action = self.action
-        self.tls_handshake()
-        self.action = action
-        self.execute(self.machine.tls_established())
 
-    def tls_handshake(self):
+        def established():
+            self.action = action
+            self.execute(self.machine.tls_established())
+
+        self.tls_handshake(established)
+
+    def tls_handshake(self, then):
         """The handshake under the session deadline, then the client-certificate check (spec 2.0.9)."""
         self.action = "SSL handshaking"
-        remaining = self.deadline - time.monotonic() if self.deadline else self.server.timeout
-        if remaining <= 0:
-            raise SessionClosed()  # a handshake that times out closes silently (spec 2.0.6)
-        self.sock.settimeout(remaining)
+        if self.timer is None:
+            self.arm(self.server.timeout, self.handshake_timed_out)
+        else:
+            self.expiry = self.handshake_timed_out
         self.metrics.tls.inc()
+        self.handshake_then = then
         context = client_tls.context_for(self.server, self.listen)
         try:
-            # The SSL socket takes over the descriptor: from here self.sock must be the only owner. Building
-            # it already reads the socket (a peer that reset it, or closed it with bytes queued, fails here),
+            # The SSL socket takes over the descriptor: from here it must be the only owner. Building it
+            # already reads the socket (a peer that reset it, or closed it with bytes queued, fails here),
             # so it belongs to the handshake's failures, not to the session's bugs.
-            self.sock = gevent_ssl.SSLSocket(
-                sock=self.sock, server_side=True, do_handshake_on_connect=False, _context=context,
+            tls_sock = gevent_ssl.SSLSocket(
+                sock=self.client.sock, server_side=True, do_handshake_on_connect=False, _context=context,
             )
-            self.sock.do_handshake()
-        except socket.timeout:
-            self.handshake_failed("timeout")
-            raise SessionClosed()
-        except ssl.SSLError as exc:
+        except (ssl.SSLError, OSError) as exc:
+            self.handshake_error(exc)
+        self.client.sock = tls_sock
+        if tls_sock._sslobj is None:
+            # The peer was gone before the handshake began (gevent found no peer to wrap).
             self.handshake_failed("error")
-            # gevent words a peer that closed before the handshake with bytes queued as an SSLError whose
-            # errno is the kernel's ENOTCONN: for nginx that is the same closed peer.
-            if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or exc.errno == errno.ENOTCONN:
-                self.log("info", "peer closed connection in SSL handshake")
-            else:
-                self.log("info", "SSL_do_handshake() failed (SSL: %s)" % openssl.ssl_error_text(exc))
+            self.log("info", "peer closed connection in SSL handshake")
             raise SessionClosed()
-        except OSError as exc:
-            self.handshake_failed("error")
-            self.fail_socket("recv", exc)
+        self.handshake_step()
+
+    def handshake_step(self):
+        client = self.client
+        try:
+            client.sock._sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            client.wait(READ, self.run, self.handshake_step)
+            return
+        except ssl.SSLWantWriteError:
+            client.wait(WRITE, self.run, self.handshake_step)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self.handshake_error(exc)
+        client.stop()
+        client.use_tls(client.sock)
+        self.expiry = self.timed_out
         self.tls = True
+        tls_sock = client.sock
         group = client_tls.sni_group(self.listen)
         if group is not None:
             # Certificates by SNI (ours): the auth server learns which name the client asked for.
-            self.sni_name = getattr(self.sock, "mailproxy_server_name", None)
+            self.sni_name = getattr(tls_sock, "mailproxy_server_name", None)
             if not self.starttls:
                 # With `listen ... ssl` the name arrives before the greeting, so the server it chose runs
                 # the whole session: its auth_http, capabilities, timeouts, logs and client-certificate
                 # rules. After STARTTLS the client has already seen the first server's greeting and
                 # capabilities, so that server keeps the session and only the certificate follows the name.
-                self.server = group.server_of(self.sock)
+                self.server = group.server_of(tls_sock)
+                self.runtime = self.worker.runtime_for(self.server)
                 self.use_log(self.server)
-        broken = client_tls.load_error(self.sock)
+        broken = client_tls.load_error(tls_sock)
         if broken:
             # Certificate files by SNI name (ours): the default certificate served instead.
             self.log("error", broken)
-        verdict = client_tls.client_verdict(self.sock, self.server)
+        verdict = client_tls.client_verdict(tls_sock, self.server)
         if not verdict.ok:
-            config = protocol_config(self.server)
-            reply = config.ssl_no_cert if verdict.reply == "no_cert" else config.ssl_cert_error
+            config = self.runtime.config
             self.log("info", verdict.message)
-            self.send(reply)
-            raise SessionClosed()
-        self.ssl_info = client_tls.session_info(self.sock, self.server)
+            self.execute([Send(config.ssl_no_cert if verdict.reply == "no_cert" else config.ssl_cert_error),
+                          Close()])
+            return
+        self.ssl_info = client_tls.session_info(tls_sock, self.server)
+        self.action = None
+        self.handshake_then()
 
-    def resolve_client_host(self):
-        """SMTP's Client-Host and XCLIENT NAME (spec 5); runs before the greeting, the client unread."""
-        if not self.server.resolver:
-            return resolver.UNAVAILABLE
-        if self.client_ip == "unix:":
-            return resolver.TEMPUNAVAIL
-        self.action = resolver.ADDRESS_ACTION
-        return resolver.client_host(resolver.for_server(self.server), self.client_ip, self.log_while)
+    def handshake_error(self, exc):
+        self.handshake_failed("error")
+        # A peer that closed before the handshake with bytes queued comes as the kernel's ENOTCONN: for
+        # nginx that is the same closed peer.
+        if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or exc.errno == errno.ENOTCONN:
+            self.log("info", "peer closed connection in SSL handshake")
+        elif isinstance(exc, ssl.SSLError):
+            self.log("info", "SSL_do_handshake() failed (SSL: %s)" % openssl.ssl_error_text(exc))
+        else:
+            self.fail_socket("recv", exc)
+        raise SessionClosed()
 
-    # -- auth_http -------------------------------------------------------------------------------
+    def handshake_timed_out(self):
+        # A handshake that times out closes silently (spec 2.0.6).
+        self.handshake_failed("timeout")
+        raise SessionClosed()
 
     def handshake_failed(self, result):
         self.metrics.tls_failed.inc()
         self.result = result
 
-    def pause(self, seconds):
+    def resolve_client_host(self):
+        """SMTP's Client-Host and XCLIENT NAME (spec 5); runs before the greeting, the client unread."""
+        if not self.server.resolver:
+            self.client_host = resolver.UNAVAILABLE
+        elif self.client_ip == "unix:":
+            self.client_host = resolver.TEMPUNAVAIL
+        else:
+            self.action = resolver.ADDRESS_ACTION
+            self.disarm()  # the resolver keeps its own resolver_timeout
+            # The resolver is written for a greenlet; it is the session's one.
+            self.resolving = gevent.spawn(self.run, self.resolve_in_greenlet)
+            return
+        self.greet()
+
+    def resolve_in_greenlet(self):
+        host = resolver.client_host(resolver.for_server(self.server), self.client_ip, self.log_while)
+        self.resolving = None
+        self.loop.run_callback(self.run, self.resolved, host)
+
+    def resolved(self, host):
+        if self.released:
+            return
+        self.client_host = host
+        self.greet()
+
+    # -- the login -------------------------------------------------------------------------------
+
+    def pause(self, seconds, then):
         """Wait ``seconds`` (Auth-Wait, a throttle's delay) while watching the client. A client that leaves
         ends the session here: asking the auth server again, or logging in to the backend, for nobody
         would be work for an attacker's benefit (a client could open sessions, get WAIT and vanish)."""
-        deadline = time.monotonic() + seconds
-        fd = self.sock.fileno()
-        try:
-            wait_read(fd, seconds)
-        except socket.timeout:
-            return
+        self.pause_then = then
+        self.pause_timer = self.loop.timer(seconds)
+        self.pause_timer.start(self.run, self.pause_over)
+        self.client.wait(READ, self.run, self.readable_in_pause)
+
+    def readable_in_pause(self):
         # POLLRDHUP sees the client's FIN even behind bytes it sent ahead, which stay for the machine.
-        if _client_gone(fd):
+        if _client_gone(self.client.fd):
             self.log("info", "client closed connection")
             raise SessionClosed()
         # Readable with the client still there: its bytes wait in the kernel for the machine.
-        gevent.sleep(max(0.0, deadline - time.monotonic()))
+        self.client.stop()
+
+    def pause_over(self):
+        self.client.stop()
+        self.pause_timer.close()
+        self.pause_timer = None
+        self.pause_then()
 
     def login_done(self, result):
         """The verdict on one login attempt, counted once (metrics.LOGIN_RESULTS says what each means)."""
@@ -425,161 +586,128 @@ class Session:
 
     def authenticate(self, attempt):
         self.method, self.login_result = attempt.method, None
-        self.deadline = None
+        self.disarm()  # the auth server and the backend have their own timeouts
         self.login = attempt.login
+        self.attempt = attempt
         self.action = "in http auth state"
         request = auth_request.build(
             self.server,
             attempt,
             self.server.protocol,
             self.client_ip,
-            client_host=self.client_host if self.server.protocol == "smtp" else None,
+            client_host=self.client_host if self.runtime.protocol.resolves_client else None,
             proxy_protocol=self.proxy_protocol_info,
             ssl=self.ssl_info,
             sni_name=self.sni_name,
         )
-        limiter = throttle.for_server(self.server)
-        limit_keys = limiter.keys(self.client_ip, attempt.login) if limiter is not None else ()
-        if limit_keys:
-            blocked, delay = limiter.check(limit_keys)
-            if blocked:
-                self.login_throttled()
-                return
-            if delay:
-                self.pause(delay)
-        client = auth_client(self.server)
-        cache = auth_cache.cache_for(self.server)
-        cache_key = outcome = None
-        if cache is not None:
-            cache_key = cache.key(request, attempt.method)
-            outcome = cache.get(cache_key)
-            if outcome is not None:
-                self.log("debug", "auth http cache hit")
-        while outcome is None:
-            began = time.monotonic()
-            try:
-                if self.debugging:
-                    self.debug('mail auth http request: method "%s", login "%s", attempt %d, %d bytes'
-                               % (attempt.method, escape_for_log(attempt.login), attempt.attempt, len(request)))
-                reply = client.ask(request, self.debug if self.debugging else None)
-                outcome = decide(reply, self.server.protocol, attempt.method)
-            except AuthHttpError as exc:
-                self.metrics.auth_seconds.observe(time.monotonic() - began)
-                self.metrics.auth_errors.inc()
-                # client.py words every timeout this way (nginx's text); anything else is a failure.
-                self.login_done("timeout" if "timed out" in str(exc) else "temporary")
-                self.log("error", str(exc))
-                self.internal_error()
-            self.metrics.auth_seconds.observe(time.monotonic() - began)
-            if isinstance(outcome, AuthRetry):
-                self.pause(outcome.wait)
-                outcome = None
-                continue
-            if cache is not None:
-                cache.put(cache_key, outcome)
-        if isinstance(outcome, AuthError):
-            self.login_done("temporary")
-            self.log("error", outcome.log_message)
-            self.internal_error()
-        if isinstance(outcome, AuthFail):
+        if self.gate is None:
+            self.gate = login_gate.LoginGate(self.runtime, self.pause, self.run,
+                                             self.debug if self.debugging else None)
+        self.gate.decide(attempt, request, self.client_ip, self.verdict)
+
+    def verdict(self, verdict):
+        kind = verdict.kind
+        if kind is login_gate.PASS:
+            self.log_in_to_backend(verdict.outcome)
+        elif kind is login_gate.REFUSED:
+            self.refused(verdict)
+        elif kind is login_gate.THROTTLED:
+            # mail_login_limit: blocked, so the auth server was not asked; the protocol words the refusal.
             self.login_done("invalid")
-            if limit_keys and limiter.failed(limit_keys):
-                self.log("notice", "too many failed logins, blocked for %gs" % limiter.limit.block)
-            actions = self.machine.auth_failed(
-                outcome.text,
-                wait=bool(outcome.wait),
-                error_code=outcome.error_code,
-                sasl_error=outcome.sasl_error,
-            )
-            # nginx logs the verdict ("client login failed") while still in the http auth state, before
-            # the Auth-Wait: a client that leaves during the wait still has its failure logged.
-            while actions and isinstance(actions[0], Log):
-                self.execute([actions.pop(0)])
-            if outcome.wait:
-                self.pause(outcome.wait)
+            self.log("info", "login refused by mail_login_limit")
+            self.answer_refusal(self.machine.auth_failed(login_gate.BLOCKED_TEXT, wait=False), 0)
+        else:
+            self.login_done(verdict.login_result)
+            self.log("error", verdict.log_message)
+            self.internal_error()
+
+    def refused(self, verdict):
+        outcome = verdict.outcome
+        self.login_done("invalid")
+        if verdict.now_blocked:
+            self.log("notice", "too many failed logins, blocked for %gs" % self.runtime.limiter.limit.block)
+        actions = self.machine.auth_failed(
+            outcome.text,
+            wait=bool(outcome.wait),
+            error_code=outcome.error_code,
+            sasl_error=outcome.sasl_error,
+        )
+        self.answer_refusal(actions, outcome.wait)
+
+    def answer_refusal(self, actions, wait):
+        # nginx logs the verdict ("client login failed") while still in the http auth state, before
+        # the Auth-Wait: a client that leaves during the wait still has its failure logged.
+        while actions and isinstance(actions[0], Log):
+            self.log(actions[0].level, actions.pop(0).message)
+
+        def answer():
             self.action = "in auth state"
-            if outcome.wait:
+            if wait:
                 self.arm_deadline()
             self.execute(actions)
-            return
-        try:
-            self.proxy(attempt, outcome)
-        except SessionClosed:
-            # Every way out of the backend login that is not a timeout is a backend or internal failure.
-            self.login_done("temporary")
-            raise
 
-    def login_throttled(self):
-        """mail_login_limit: blocked, so the auth server is not asked; the protocol words the refusal."""
-        self.login_done("invalid")
-        self.log("info", "login refused by mail_login_limit")
-        actions = self.machine.auth_failed(throttle.BLOCKED_TEXT, wait=False)
-        while actions and isinstance(actions[0], Log):
-            self.execute([actions.pop(0)])
-        self.action = "in auth state"
-        self.execute(actions)
+        if wait:
+            self.pause(wait, answer)
+        else:
+            answer()
 
     def internal_error(self):
-        self.send(self.config.internal_error)
-        raise SessionClosed()
+        self.execute([Send(self.runtime.config.internal_error), Close()])
 
-    # -- the backend login (backend_login.py) ----------------------------------------------------
-
-    def proxy(self, attempt, ok):
+    def log_in_to_backend(self, ok):
         self.upstream = ok.upstream_text
         if ok.login is not None:
             self.login = ok.login
-        backend = BackendLogin(self.server, self.sock, self.client_ip, self.client_port, self.client_host,
-                               self.log_while, self.metrics, self.debug if self.debugging else None)
-        try:
-            logged_in = backend.run(attempt, ok, self.login)
-        except BackendLoginFailed as failure:
-            self.action = backend.action
-            if failure.timed_out:
-                self.login_done("timeout")
-            if failure.client_reply is None:
-                self.internal_error()
-            self.send(failure.client_reply)
-            raise SessionClosed()
-        finally:
-            # Whatever happened, release() closes the backend, after the client's last reply.
-            self.backend = backend.sock
+        self.backend = BackendLogin(self.server, self.loop, self.client.sock, self.client_ip, self.client_port,
+                                    self.client_host, self.log_while, self.metrics, self.run,
+                                    self.debug if self.debugging else None)
+        self.backend.start(self.attempt, ok, self.login, self.backend_done)
+
+    def backend_done(self, result):
+        backend = self.backend
         self.action = backend.action
-        self.backend_tls = backend.tls
+        if isinstance(result, BackendLoginFailed):
+            # Every way out of the backend login that is not a timeout is a backend or internal failure.
+            self.login_done("timeout" if result.timed_out else "temporary")
+            if result.client_reply is None:
+                self.internal_error()
+            else:
+                self.execute([Send(result.client_reply), Close()])
+            return
         self.login_done("ok")
-        self.start_relay(logged_in)
+        self.execute([Send(result.client_reply), _HandOver(result)])
 
     # -- the relay -------------------------------------------------------------------------------
 
-    def start_relay(self, logged_in):
-        self.send(logged_in.client_reply)
+    def hand_over(self, logged_in):
         self.action = None
         self.log("info", "client logged in")
         if self.worker.draining_past_timeout():
             # nginx closes a session that reaches the relay after worker_shutdown_timeout fired.
             raise SessionClosed()
-        self.sock.settimeout(None)
-        self.backend.settimeout(None)
+        self.disarm()
+        client, backend = self.client, self.backend.conn
+        readers = (client.take_reader(), backend.take_reader())
         if self.debugging:
-            spliced = relay.SPLICE_AVAILABLE and not self.tls and not self.backend_tls
+            spliced = relay.SPLICE_AVAILABLE and not self.tls and not self.backend.tls
             self.debug("mail proxy relay start: client fd:%d, upstream fd:%d, %s" % (
-                self.sock.fileno(), self.backend.fileno(), "splice" if spliced else "copy"))
+                client.fd, backend.fd, "splice" if spliced else "copy"))
+        self.handed_to_relay = True
         self.relay = relay.start(
-            self.sock,
-            self.backend,
+            client.sock,
+            backend.sock,
             client_pending=self.machine.trailing_data(),
             backend_pending=logged_in.backend_pending,
             proxy_timeout=self.server.proxy_timeout,
             proxy_buffer=self.server.proxy_buffer,
-            client_buffer=getattr(self.server, "%s_client_buffer" % self.server.protocol),
+            client_buffer=self.runtime.protocol.client_buffer(self.server),
             tls=self.tls,
-            backend_tls=self.backend_tls,
+            backend_tls=self.backend.tls,
             on_close=self.relay_closed,
+            # The client's socket inherits the listener's TCP_NODELAY; the backend's was set at connect.
+            nodelay=False,
+            readers=readers,
         )
-        self.handed_to_relay = True
-        # The greenlet's part ends here; were it to return into the command loop it would read the
-        # client's next bytes itself (a TLS socket still reads) and steal them from the relay.
-        raise SessionClosed()
 
     def relay_closed(self, result):
         self.action = None
@@ -604,21 +732,27 @@ class Session:
 
     def close_now(self):
         """Called by the worker when worker_shutdown_timeout fires."""
-        if self.handed_to_relay:
+        if self.relay is not None:
             self.relay.close_now()
 
     def release(self):
-        if self.handed_to_relay:
+        if self.released or self.handed_to_relay:
             return
+        self.released = True
         if self.debugging:
-            self.debug("close mail connection: fd:%d" % self.sock.fileno())
-        for conn in (self.sock, self.backend):
-            if conn is not None:
-                try:
-                    conn.close()
-                except OSError as exc:
-                    if exc.errno != errno.EBADF:
-                        raise
+            self.debug("close mail connection: fd:%d" % self.client.fd)
+        for timer in (self.timer, self.write_timer, self.pause_timer):
+            if timer is not None:
+                timer.close()
+        self.timer = self.write_timer = self.pause_timer = None
+        if self.gate is not None:
+            self.gate.cancel()
+        if self.resolving is not None and self.resolving is not gevent.getcurrent():
+            self.resolving.kill(block=False)
+        # The backend closes after the client's last reply, which has been written by now.
+        self.client.close()
+        if self.backend is not None:
+            self.backend.cancel()
         self.finished(0, 0)
         self.worker.session_finished(self.token)
 
@@ -635,9 +769,8 @@ class Session:
             )
 
 
-
 def _address_text(peer, listen):
-    if listen.family == socket.AF_UNIX:
+    if listen.family == _socket.AF_UNIX:
         return "unix:", 0
     return peer[0], peer[1]
 

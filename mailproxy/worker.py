@@ -5,10 +5,12 @@ in the worker touches sockets, and the master itself stays a plain single-thread
 
 Session API (what mailproxy.session sees as `worker`):
   worker.log_for(server) -> ErrorLog          the server's error_log (shared open files)
+  worker.runtime_for(server) -> ServerRuntime what the server's sessions share (login_gate.py)
   worker.next_connection_number() -> int      nginx's *N, one counter for all workers
   worker.draining -> bool                     True once QUIT arrived: finish, accept nothing new
   worker.draining_past_timeout() -> bool      worker_shutdown_timeout has fired
-  worker.session_started(closer) -> token     from the handler's greenlet; `closer()` is called when
+  worker.session_started(closer) -> token     from the handler (its greenlet, or the loop for an
+                                              `on_loop` handler); `closer()` is called when
                                               worker_shutdown_timeout fires (the session decides what
                                               closing means in its phase, spec 7)
   worker.session_finished(token)              the session is over (idempotent); may come from a
@@ -80,6 +82,10 @@ class Worker:
         self.counter = counter
         self.log = log
         self.handler = handler
+        # The session's own handler runs on the loop, from the accept callback; a handler without the
+        # mark (the tests' stand-ins) gets a greenlet and a gevent socket.
+        self.handler_on_loop = bool(getattr(handler, "on_loop", False))
+        self._runtimes = {}
         self.max_sessions = config.main.worker_connections
         # nginx's multi_accept: `on` accepts until EAGAIN. `off` (the default) is nginx's one connection per
         # readiness event only in spirit: a turn of this event loop costs Python, and one accept per turn
@@ -116,6 +122,18 @@ class Worker:
         found = self._logs.get(targets)
         if found is None:
             found = self._logs[targets] = errorlog.ErrorLog(targets)
+        return found
+
+    def runtime_for(self, server):
+        """The server block's shared session parts (login_gate.ServerRuntime), built on first use: a worker
+        serves one configuration generation, whose server blocks live as long as it does."""
+        found = self._runtimes.get(id(server))
+        if found is None:
+            import gevent
+
+            from mailproxy.login_gate import ServerRuntime
+
+            found = self._runtimes[id(server)] = ServerRuntime(server, gevent.get_hub().loop)
         return found
 
     def next_connection_number(self):
@@ -271,9 +289,18 @@ class Worker:
         self._start_accepting()
 
     def _spawn(self, binding, fd, peer):
+        import _socket
+
         import gevent
 
-        sock = self._gsocket(binding.sock.family, binding.sock.type, 0, fileno=fd)
+        on_loop = self.handler_on_loop
+        if on_loop:
+            # Family, type and protocol given: from a descriptor alone the socket module would ask the
+            # kernel for each.
+            sock = _socket.socket(binding.sock.family, binding.sock.type, 0, fd)
+            sock.setblocking(False)
+        else:
+            sock = self._gsocket(binding.sock.family, binding.sock.type, 0, fileno=fd)
         if binding.routes:
             # Only a wildcard socket shared with address-specific servers needs the local address
             # (a getsockname(2) per connection), as nginx looks it up only for wildcard listens.
@@ -284,6 +311,17 @@ class Worker:
                 return
         else:
             listen, server = binding.listen, binding.server
+        if on_loop:
+            # The session takes its slot with session_started, as its last step of setting up; a handler
+            # that failed before that leaves the socket to us.
+            tokens = self._next_token
+            try:
+                self.handler(sock, peer, listen, server, self)
+            except Exception as exc:
+                self._log_crash(server, exc)
+                if self._next_token == tokens:
+                    sock.close()
+            return
         greenlet = gevent.Greenlet(self._serve, sock, peer, listen, server)
         self._unclaimed[greenlet] = [server, []]
         self.active += 1
@@ -301,11 +339,7 @@ class Worker:
         except Exception as exc:
             # A bug in one session must not take the others down: log it and drop this client.
             crashed = True
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            log = self.log_for(server)
-            log.log("alert", "session failed: %s" % detail)
-            for line in errorlog.traceback_lines(exc):
-                log.log("alert", line)
+            self._log_crash(server, exc)
         finally:
             _, tokens = self._unclaimed.pop(gevent.getcurrent())
             if crashed or not tokens:
@@ -316,6 +350,13 @@ class Worker:
             if not tokens:
                 self.active -= 1
                 self._slot_freed()
+
+    def _log_crash(self, server, exc):
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        log = self.log_for(server)
+        log.log("alert", "session failed: %s" % detail)
+        for line in errorlog.traceback_lines(exc):
+            log.log("alert", line)
 
     def _slot_freed(self):
         if self.draining:

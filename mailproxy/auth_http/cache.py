@@ -98,17 +98,11 @@ class AuthCache:
         return len(self._entries)
 
 
-# id(server) -> (server, cache): one cache per server block and worker, as the auth clients are kept.
-_caches = {}
-
-
 def cache_for(server) -> Optional[AuthCache]:
-    setting = getattr(server, "auth_http_cache", None)
+    """A new cache for the server block, None when auth_http_cache is off; the worker keeps one per block
+    (login_gate.ServerRuntime)."""
+    setting = server.auth_http_cache
     if not setting:
         return None
-    entry = _caches.get(id(server))
-    if entry is None or entry[0] is not server:
-        ttl, negative, limit = setting
-        entry = (server, AuthCache(ttl, negative, limit))
-        _caches[id(server)] = entry
-    return entry[1]
+    ttl, negative, limit = setting
+    return AuthCache(ttl, negative, limit)

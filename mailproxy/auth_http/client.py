@@ -1,12 +1,18 @@
-"""Talking to the auth server over gevent sockets (spec 3.1, 3.5).
+"""Talking to the auth server on the worker's loop (spec 3.1, 3.5).
 
-Two transports behind one ``ask``:
+An exchange is a few callbacks on the worker's libev loop over a bare non-blocking socket (events.py):
+connect, send the request, read the reply, each step armed by the last, and one timer for
+``auth_http_timeout``. The session gets ``on_reply(reply, error)`` once, from the loop. ``ask`` is the
+same exchange waited for by a greenlet, for callers that can block.
+
+Two transports:
 
 - nginx's (default): a new connection for every request, HTTP/1.0, the whole reply header due within
   ``auth_http_timeout`` of the connect, closed as soon as the header block ends (the body is never read);
 - keep-alive (``auth_http_keepalive on``, ours): HTTP/1.1 over connections kept idle in a small pool shared
-  by every server of this worker that names the same auth server. The body is read and dropped by
-  ``Content-Length`` so that the next reply starts on a clean stream; a reply without a length, or one
+  by every server of this worker that names the same auth server. The reply goes to the session as soon
+  as its header block is in; the body is then read and dropped by ``Content-Length`` so that the next
+  reply starts on a clean stream, and the connection joins the pool. A reply without a length, or one
   that says ``Connection: close``, retires its connection.
 
 A pooled connection may have been closed by the auth server while idle. If it fails before the first reply
@@ -14,56 +20,33 @@ byte arrives, the request goes once more over a fresh connection: GET to an auth
 and nothing of the first reply was seen. Any later failure is reported, never retried.
 
 Errors are ``AuthHttpError`` carrying nginx's error-log text (``connect() to ... failed (111: ...)``,
-``auth http server ... timed out (110: Connection timed out)``, ``recv() failed (...)``).
+``auth http server ... timed out (110: Connection timed out)``, ``recv() failed (...)``) and their kind.
 
-``ask(request, debug)``: with error_log at debug the session passes its debug writer, and the transport
-says what it does (connect, reuse, each send and read, keep or close); the bytes themselves are never
-logged, since the request carries the password.
+``debug``: with error_log at debug the session passes its debug writer, and the exchange says what it
+does (connect, reuse, each send and read, keep or close); the bytes themselves are never logged, since the
+request carries the password.
 """
 
 import errno
 import os
-import time
 from collections import deque
 
-from gevent import socket
+import _socket
 
-from mailproxy.netio import send_all
+from mailproxy.events import READ, WRITE, Connection
 
-from .response import AuthHttpError, ReplyParser
+from .response import SOCKET_FAILED, TIMED_OUT, AuthHttpError, ReplyParser
 
 RECV_SIZE = 4096
 # Idle connections kept per auth server; more concurrent requests open more, and the surplus is closed.
 POOL_IDLE = 16
 
-_monotonic = time.monotonic
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
 
 
-def _os_error(call: str, peer_text: str, exc: OSError) -> AuthHttpError:
-    code = exc.errno or errno.EIO
-    return AuthHttpError("%s%s failed (%d: %s)" % (call, peer_text, code, os.strerror(code)))
-
-
-class _Connection:
-    """One socket to the auth server with the deadline of the request it is serving."""
-
-    __slots__ = ("sock", "deadline", "debug")
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.deadline = 0.0
-        self.debug = None
-
-    def close(self):
-        self.sock.close()
-
-
-class _DeadBeforeReply(Exception):
-    """A reused connection failed before any reply byte: the request may go over a fresh one."""
-
-    def __init__(self, error: AuthHttpError):
-        super().__init__(error.message)
-        self.error = error
+def _os_error(call: str, peer_text: str, code: int) -> AuthHttpError:
+    code = code or errno.EIO
+    return AuthHttpError("%s%s failed (%d: %s)" % (call, peer_text, code, os.strerror(code)), SOCKET_FAILED)
 
 
 class IdlePool:
@@ -81,7 +64,8 @@ class IdlePool:
             conn.close()
         return None
 
-    def give_back(self, conn: _Connection) -> None:
+    def give_back(self, conn: Connection) -> None:
+        conn.release_watchers()
         if len(self._idle) >= self.size:
             conn.close()
         else:
@@ -98,8 +82,7 @@ class IdlePool:
 def _still_open(sock) -> bool:
     # An idle connection has nothing to read; EOF or stray bytes both mean it cannot carry a request.
     try:
-        sock.settimeout(0.0)  # gevent would otherwise wait for the byte instead of reporting EAGAIN
-        sock.recv(1, socket.MSG_PEEK)
+        sock.recv(1, _socket.MSG_PEEK)
     except BlockingIOError:
         return True
     except OSError:
@@ -145,168 +128,216 @@ def close_pools() -> None:
 
 
 class AuthHttpClient:
-    """Asks one server's auth_http URL; one instance serves every session of that server."""
+    """Asks one server's auth_http URL; one instance serves every session of that server in a worker."""
 
-    def __init__(self, server):
+    def __init__(self, server, loop=None):
+        import gevent
+
         url = server.auth_http
+        self.loop = loop if loop is not None else gevent.get_hub().loop
         self.url = url
         self.peer = url.peer
         self.timeout = float(server.auth_http_timeout)
-        self.keepalive = bool(getattr(server, "auth_http_keepalive", False))
+        self.keepalive = bool(server.auth_http_keepalive)
         self.pool = pool_for(url) if self.keepalive else None
-        self._connect_text = " to " + url.peer
-        self._timed_out = "auth http server %s timed out (%d: %s)" % (
-            url.peer,
-            errno.ETIMEDOUT,
-            os.strerror(errno.ETIMEDOUT),
-        )
+        self.connect_text = " to " + url.peer
+        self.timed_out_text = "auth http server %s timed out (%d: %s)" % (
+            url.peer, errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+
+    def start(self, request: bytes, on_reply, debug=None, guard=None) -> "AuthExchange":
+        """Send ``request`` (from ``request.build``); ``on_reply(reply, error)`` runs once, from the loop,
+        with the ``AuthReply`` or the ``AuthHttpError``. The exchange returned can be cancelled.
+        ``guard(step, *args)``, if given, runs each of the exchange's callbacks (the session's, so that a
+        bug there ends the session that waits, with its traceback)."""
+        return AuthExchange(self, request, on_reply, debug, guard or _call)
 
     def ask(self, request: bytes, debug=None):
-        """Send ``request`` (from ``request.build``) and return the ``AuthReply``; ``debug(text)``, if
-        given, writes the session's debug lines."""
-        reply = self._ask(request, debug)
+        """The same exchange, waited for: returns the ``AuthReply`` or raises ``AuthHttpError``. Only from a
+        greenlet (or a thread whose hub may run)."""
+        from gevent.event import AsyncResult
+
+        result = AsyncResult()
+        self.start(request, lambda reply, error: result.set((reply, error)), debug)
+        reply, error = result.get()
+        if error is not None:
+            raise error
+        return reply
+
+
+def _call(step, *args):
+    step(*args)
+
+
+class AuthExchange:
+    """One request and its reply; every method after __init__ runs as a callback on the loop."""
+
+    __slots__ = ("client", "request", "on_reply", "debug", "guard", "conn", "parser", "timer", "reused",
+                 "answered", "unsent", "body_left")
+
+    def __init__(self, client, request, on_reply, debug, guard):
+        self.client = client
+        self.guard = guard
+        self.request = request
+        self.on_reply = on_reply
+        self.debug = debug
+        self.conn = None
+        self.parser = ReplyParser(client.peer)
+        self.body_left = None  # after the reply: body bytes still to drop before the connection is reused
+        self.timer = client.loop.timer(client.timeout)
+        self.timer.start(self.guard, self._timed_out)
+        self.reused = False  # over a pooled connection: it may have died while idle
+        self.answered = False  # a reply byte arrived
+        if client.keepalive:
+            conn = client.pool.take()
+            if conn is not None:
+                self.reused = True
+                self.conn = conn
+                if debug:
+                    debug("mail auth http reuses a kept-alive connection to %s, fd:%d" % (client.peer, conn.fd))
+                self._send_request()
+                return
+        self._connect()
+
+    def cancel(self):
+        """The session ended first: drop the connection, call nobody."""
+        self.on_reply = None
+        self._end()
+
+    # --- the steps ---------------------------------------------------------------------------------
+
+    def _connect(self):
+        url = self.client.url
+        sock = _socket.socket(url.family, _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK)
+        self.conn = Connection(self.client.loop, sock)
+        code = sock.connect_ex(url.sockaddr)
+        if code == 0:
+            self._connected()
+        elif code in _IN_PROGRESS:
+            self.conn.wait(WRITE, self.guard, self._connect_done)
+        else:
+            self._fail(_os_error("connect()", self.client.connect_text, code))
+
+    def _connect_done(self):
+        code = self.conn.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+        if code:
+            self._fail(_os_error("connect()", self.client.connect_text, code))
+            return
+        self._connected()
+
+    def _connected(self):
+        if self.debug:
+            self.debug("mail auth http connect to %s, fd:%d" % (self.client.peer, self.conn.fd))
+        self._send_request()
+
+    def _send_request(self):
+        self.unsent = self.request
+        self._send()
+
+    def _send(self):
+        try:
+            sent = self.conn.send(self.unsent)
+        except OSError as exc:
+            self._fail(_os_error("send()", "", exc.errno), retry=self.reused)
+            return
+        if sent < len(self.unsent):
+            self.unsent = self.unsent[sent:]
+            self.conn.wait(self.conn.want, self.guard, self._send)
+            return
+        if self.debug:
+            self.debug("mail auth http send: fd:%d %d bytes" % (self.conn.fd, len(self.request)))
+        self.conn.wait(READ, self.guard, self._read)
+
+    def _read(self):
+        try:
+            data = self.conn.recv(RECV_SIZE)
+        except OSError as exc:
+            # After the reply, a body that fails costs only this connection (_fail tells nobody).
+            self._fail(_os_error("recv()", "", exc.errno), retry=self.reused and not self.answered)
+            return
+        if data is None:
+            return  # the watcher stays armed
+        if self.debug:
+            self.debug("mail auth http recv: fd:%d %d of %d" % (self.conn.fd, len(data), RECV_SIZE))
+        if self.body_left is not None:
+            if not data:
+                self._end()  # the body never came whole: this connection cannot carry another request
+                return
+            self.body_left -= len(data)
+            self._body_read()
+            return
+        if not data and self.reused and not self.answered:
+            self._fail(AuthHttpError("auth http server %s closed connection" % self.client.peer, SOCKET_FAILED),
+                       retry=True)
+            return
+        self.answered = True
+        try:
+            if not data:
+                self.parser.eof()
+            reply = self.parser.feed(data)
+        except AuthHttpError as exc:
+            self._fail(exc)
+            return
+        if reply is not None:
+            self._replied(reply)
+
+    def _replied(self, reply):
+        on_reply, self.on_reply = self.on_reply, None
+        debug = self.debug
+        # Bytes past the body would be read as the start of the next reply.
+        if self.client.keepalive and reply.reusable and reply.body_length >= len(self.parser.body):
+            self.body_left = reply.body_length - len(self.parser.body)
+            self._body_read()
+        else:
+            self._end()
         if debug:
             debug(reply_text(reply))
-        return reply
+        on_reply(reply, None)
 
-    def _ask(self, request, debug):
-        deadline = _monotonic() + self.timeout
-        if not self.keepalive:
-            conn = self._connect(deadline, debug)
-            try:
-                return self._exchange(conn, request, ReplyParser(self.peer))
-            finally:
-                if debug:
-                    debug("close http auth connection: fd:%d" % conn.sock.fileno())
-                conn.close()
-        conn = self.pool.take()
-        if conn is not None:
-            conn.deadline = deadline
-            conn.debug = debug
-            if debug:
-                debug("mail auth http reuses a kept-alive connection to %s, fd:%d" % (self.peer, conn.sock.fileno()))
-            try:
-                return self._exchange_kept(conn, request, fresh=False)
-            except _DeadBeforeReply:
-                if debug:
-                    debug("mail auth http kept-alive connection was closed by the server, asking again")
-                conn.close()
-        conn = self._connect(deadline, debug)
-        return self._exchange_kept(conn, request, fresh=True)
-
-    # --- transport -------------------------------------------------------------------------------------
-
-    def _connect(self, deadline: float, debug=None) -> _Connection:
-        url = self.url
-        sock = socket.socket(url.family, socket.SOCK_STREAM)
-        conn = _Connection(sock)
-        conn.deadline = deadline
-        conn.debug = debug
-        try:
-            sock.settimeout(self._remaining(conn))
-            sock.connect(url.sockaddr)
-        except socket.timeout:
-            sock.close()
-            raise AuthHttpError(self._timed_out) from None
-        except OSError as exc:
-            sock.close()
-            raise _os_error("connect()", self._connect_text, exc) from None
-        if debug:
-            debug("mail auth http connect to %s, fd:%d" % (self.peer, sock.fileno()))
-        return conn
-
-    def _remaining(self, conn: _Connection) -> float:
-        left = conn.deadline - _monotonic()
-        if left <= 0:
-            raise AuthHttpError(self._timed_out)
-        return left
-
-    def _send(self, conn: _Connection, request: bytes) -> None:
-        try:
-            conn.sock.settimeout(self._remaining(conn))
-            send_all(conn.sock, request)
-            if conn.debug:
-                conn.debug("mail auth http send: fd:%d %d bytes" % (conn.sock.fileno(), len(request)))
-        except socket.timeout:
-            raise AuthHttpError(self._timed_out) from None
-        except OSError as exc:
-            raise _os_error("send()", "", exc) from None
-
-    def _recv(self, conn: _Connection) -> bytes:
-        try:
-            conn.sock.settimeout(self._remaining(conn))
-            data = conn.sock.recv(RECV_SIZE)
-            if conn.debug:
-                conn.debug("mail auth http recv: fd:%d %d of %d" % (conn.sock.fileno(), len(data), RECV_SIZE))
-            return data
-        except socket.timeout:
-            raise AuthHttpError(self._timed_out) from None
-        except OSError as exc:
-            raise _os_error("recv()", "", exc) from None
-
-    def _exchange(self, conn: _Connection, request: bytes, parser: ReplyParser):
-        self._send(conn, request)
-        while True:
-            data = self._recv(conn)
-            if not data:
-                parser.eof()
-            reply = parser.feed(data)
-            if reply is not None:
-                return reply
-
-    def _exchange_kept(self, conn: _Connection, request: bytes, fresh: bool):
-        parser = ReplyParser(self.peer)
-        try:
-            if fresh:
-                reply = self._exchange(conn, request, parser)
-            else:
-                reply = self._first_reply_bytes(conn, request, parser)
-        except AuthHttpError:
-            conn.close()
-            raise
-        if reply.reusable and self._drain_body(conn, reply, parser.body):
-            if conn.debug:
-                conn.debug("mail auth http keeps fd:%d alive" % conn.sock.fileno())
-            conn.debug = None  # the next session that takes it brings its own
-            self.pool.give_back(conn)
+    def _body_read(self):
+        """Drop the body as it comes (under the same auth_http_timeout), then pool the connection."""
+        if self.body_left < 0:
+            self._end()
+        elif self.body_left > 0:
+            self.conn.wait(READ, self.guard, self._read)
         else:
-            if conn.debug:
-                conn.debug("close http auth connection: fd:%d" % conn.sock.fileno())
+            if self.debug:
+                self.debug("mail auth http keeps fd:%d alive" % self.conn.fd)
+                self.debug = None  # the next session that takes it brings its own
+            conn, self.conn = self.conn, None
+            self.client.pool.give_back(conn)
+            self._end()
+
+    # --- endings -----------------------------------------------------------------------------------
+
+    def _timed_out(self):
+        self._fail(AuthHttpError(self.client.timed_out_text, TIMED_OUT))
+
+    def _fail(self, error, retry=False):
+        on_reply = self.on_reply
+        if on_reply is None:
+            self._end()  # the reply was delivered (its body failed) or nobody waits any more
+            return
+        self._close()
+        if retry and error.kind != TIMED_OUT:
+            # A kept-alive connection the auth server had closed while it sat idle: ask once more anew,
+            # under the same deadline (the timer runs on).
+            if self.debug:
+                self.debug("mail auth http kept-alive connection was closed by the server, asking again")
+            self.reused = False
+            self.parser = ReplyParser(self.client.peer)
+            self._connect()
+            return
+        self.on_reply = None
+        self.timer.close()
+        on_reply(None, error)
+
+    def _end(self):
+        self._close()
+        self.timer.close()
+
+    def _close(self):
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if self.debug:
+                self.debug("close http auth connection: fd:%d" % conn.fd)
             conn.close()
-        return reply
-
-    def _first_reply_bytes(self, conn: _Connection, request: bytes, parser: ReplyParser):
-        # Until the auth server has said anything, a failure means the idle connection had died.
-        try:
-            self._send(conn, request)
-            data = self._recv(conn)
-        except AuthHttpError as exc:
-            if exc.message == self._timed_out:
-                raise
-            raise _DeadBeforeReply(exc) from None
-        if not data:
-            raise _DeadBeforeReply(AuthHttpError("auth http server %s closed connection" % self.peer))
-        reply = parser.feed(data)
-        while reply is None:
-            data = self._recv(conn)
-            if not data:
-                parser.eof()
-            reply = parser.feed(data)
-        return reply
-
-    def _drain_body(self, conn: _Connection, reply, already: bytes) -> bool:
-        """Read and drop the body; False when the connection cannot be reused after all."""
-        left = reply.body_length - len(already)
-        # Bytes past the body would be read as the start of the next reply.
-        if left < 0:
-            return False
-        try:
-            while left > 0:
-                data = self._recv(conn)
-                if not data:
-                    return False
-                left -= len(data)
-        except AuthHttpError:
-            # The reply is complete; a body that does not arrive only costs this connection.
-            return False
-        return left == 0

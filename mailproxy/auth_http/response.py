@@ -28,12 +28,20 @@ _NO_PASSWORD_METHODS = frozenset(("apop", "cram-md5", "external"))
 _SMTP_AUTH_METHODS = frozenset((b"none", b"plain", b"login"))
 
 
-class AuthHttpError(Exception):
-    """The exchange with the auth server failed; ``message`` is the error-log text (nginx's where it has one)."""
+# What went wrong with an exchange, for the metrics' login result and the keep-alive retry.
+TIMED_OUT = "timed out"  # auth_http_timeout passed
+SOCKET_FAILED = "socket"  # connect(), send() or recv() failed
+BROKEN_REPLY = "reply"  # the reply could not be read as nginx reads one (the default: the parser raises it)
 
-    def __init__(self, message: str):
+
+class AuthHttpError(Exception):
+    """The exchange with the auth server failed; ``message`` is the error-log text (nginx's where it has
+    one), ``kind`` one of TIMED_OUT, SOCKET_FAILED, BROKEN_REPLY."""
+
+    def __init__(self, message: str, kind: str = BROKEN_REPLY):
         super().__init__(message)
         self.message = message
+        self.kind = kind
 
 
 def _text(value: bytes) -> str:

@@ -13,6 +13,7 @@ import pwd
 import socket
 
 from mailproxy import log as errorlog
+from mailproxy.protocols import PROTOCOLS
 
 from .settings import AuthHttpUrl, Listen, LoginLimit
 
@@ -22,9 +23,8 @@ DEBUG_LEVELS = ("debug_core", "debug_alloc", "debug_mutex", "debug_event", "debu
 UNIX_PATH_MAX = 108
 # nginx keeps times in a signed 32-bit int of milliseconds (or seconds for *_sec slots).
 INT32_MAX = 2**31 - 1
-# Ports that imply a protocol when a server has none (spec 1.5); TLS is never implied.
-# sieve is ours (ManageSieve, RFC 5804; nginx has none): 4190 is its IANA port.
-PROTOCOL_PORTS = {"imap": (143, 993), "pop3": (110, 995), "smtp": (25, 465, 587), "sieve": (4190,)}
+# Ports that imply a protocol when a server has none (spec 1.5), from the protocol table.
+PROTOCOL_PORTS = {protocol.name: protocol.ports for protocol in PROTOCOLS.values()}
 # (unit, seconds, rank): nginx wants units in decreasing size, each used once.
 TIME_UNITS = {"y": (31536000, 8), "M": (2592000, 7), "w": (604800, 6), "d": (86400, 5), "h": (3600, 4),
               "m": (60, 3), "s": (1, 2), "ms": (0.001, 1)}

@@ -28,10 +28,10 @@ OpenSSL bridge (mailproxy/_openssl.pyx), after every other directive; without th
 
 import ipaddress
 import ssl
-import time
 
 from gevent import ssl as gevent_ssl
 
+from mailproxy.events import READ, WRITE
 from mailproxy.tls import openssl
 from mailproxy.conf.lexer import ConfigError
 
@@ -50,11 +50,10 @@ class HandshakeFailed(Exception):
     """The backend's TLS did not come up; ``message`` is the error-log line (the client gets the
     protocol's internal-error reply)."""
 
-    def __init__(self, level, message, timed_out=False):
+    def __init__(self, level, message):
         super().__init__(message)
         self.level = level
         self.message = message
-        self.timed_out = timed_out
 
 
 def wanted(server, ssl_upstream=False):
@@ -120,52 +119,51 @@ def _conf_commands(ctx, commands):
         raise ConfigError(str(exc))
 
 
-def handshake(server, sock, addr, port, deadline):
-    """Client-side TLS on the connected backend socket; returns the SSL socket or raises HandshakeFailed.
+class Handshake:
+    """Client-side TLS on a connected, non-blocking backend socket, stepped from the worker's loop.
 
-    The caller must not touch ``sock`` afterwards: the SSL socket owns the descriptor.
+    ``sock`` is the SSL socket, which owns the descriptor from here on (the plain socket object is
+    detached); the caller closes it if the handshake fails.
     """
-    ctx = context_for(server)
-    name = server.proxy_ssl_name or addr
-    key = (id(ctx), addr, port)
-    offered = None
-    if server.proxy_ssl_session_reuse:
-        entry = _sessions.get(key)
-        if entry is not None and entry[0] is ctx:
-            offered = entry[1]
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise HandshakeFailed("info", "upstream timed out (110: Connection timed out)", timed_out=True)
-    sock.settimeout(remaining)
-    tls_sock = gevent_ssl.SSLSocket(
-        sock=sock, server_side=False, do_handshake_on_connect=False, _context=ctx, _session=offered,
-        # CPython never sends an IP literal as SNI, so the default name (the address) sends none either.
-        server_hostname=name if server.proxy_ssl_server_name else None,
-    )
-    try:
-        _handshake(server, tls_sock, name)
-    except HandshakeFailed:
-        tls_sock.close()  # it owns the descriptor now; the plain socket object is already detached
-        raise
-    return tls_sock
 
+    __slots__ = ("server", "sock", "name")
 
-def _handshake(server, tls_sock, name):
-    try:
-        tls_sock.do_handshake()
-    except TimeoutError:
-        raise HandshakeFailed("info", "upstream timed out (110: Connection timed out)", timed_out=True)
-    except ssl.SSLCertVerificationError as exc:
-        raise HandshakeFailed("error", "upstream SSL certificate verify error: (%d:%s)"
-                              % (exc.verify_code, exc.verify_message))
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-        raise HandshakeFailed("error", "peer closed connection in SSL handshake")
-    except ssl.SSLError as exc:
-        raise HandshakeFailed("error", "SSL_do_handshake() failed (SSL: %s)" % openssl.ssl_error_text(exc))
-    except OSError as exc:
-        raise HandshakeFailed("error", "SSL_do_handshake() failed (%d: %s)" % (exc.errno or 0, exc.strerror))
-    if server.proxy_ssl_verify:
-        _check_peer(server, tls_sock, name)
+    def __init__(self, server, sock, addr, port):
+        ctx = context_for(server)
+        self.server = server
+        self.name = name = server.proxy_ssl_name or addr
+        offered = None
+        if server.proxy_ssl_session_reuse:
+            entry = _sessions.get((id(ctx), addr, port))
+            if entry is not None and entry[0] is ctx:
+                offered = entry[1]
+        self.sock = gevent_ssl.SSLSocket(
+            sock=sock, server_side=False, do_handshake_on_connect=False, _context=ctx, _session=offered,
+            # CPython never sends an IP literal as SNI, so the default name (the address) sends none either.
+            server_hostname=name if server.proxy_ssl_server_name else None,
+        )
+
+    def step(self):
+        """Go on: None once the handshake is done and the peer checked, else the readiness to wait for
+        (events.READ or WRITE). Raises HandshakeFailed."""
+        try:
+            self.sock._sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            return READ
+        except ssl.SSLWantWriteError:
+            return WRITE
+        except ssl.SSLCertVerificationError as exc:
+            raise HandshakeFailed("error", "upstream SSL certificate verify error: (%d:%s)"
+                                  % (exc.verify_code, exc.verify_message))
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            raise HandshakeFailed("error", "peer closed connection in SSL handshake")
+        except ssl.SSLError as exc:
+            raise HandshakeFailed("error", "SSL_do_handshake() failed (SSL: %s)" % openssl.ssl_error_text(exc))
+        except OSError as exc:
+            raise HandshakeFailed("error", "SSL_do_handshake() failed (%d: %s)" % (exc.errno or 0, exc.strerror))
+        if self.server.proxy_ssl_verify:
+            _check_peer(self.server, self.sock, self.name)
+        return None
 
 
 def _check_peer(server, tls_sock, name):

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from mailproxy import netio, relay
+from mailproxy import relay
+from mailproxy.events import failed_call
 
 pytestmark = pytest.mark.skipif(not relay.TLS_PUMP_AVAILABLE,
                                 reason="the OpenSSL bridge is off here, so the TLS pump is not used")
@@ -126,7 +127,7 @@ def test_errors_are_worded_as_the_copy_loop_words_them(tls_pair, plain_pair):
         while True:
             pump.run(1 << 30)
     assert (info.value.side, info.value.moved) == ("dst", 0)
-    assert netio.failed_call("send", info.value) == "send() failed (32: Broken pipe)"
+    assert failed_call("send", info.value) == "send() failed (32: Broken pipe)"
 
 
 def test_eof_without_close_notify_is_an_end(tls_pair, plain_pair):

@@ -1,0 +1,95 @@
+"""One entry per mail protocol: everything the session, the backend login and the configuration need to
+know about it, as nginx's ngx_mail_protocol_t. Adding a protocol is one entry here (plus its two sans-IO
+machines, the client's in protocol/ and the backend login's in upstream/).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+from mailproxy.protocol import imap, pop3, sieve, smtp
+from mailproxy.upstream import imap as upstream_imap
+from mailproxy.upstream import pop3 as upstream_pop3
+from mailproxy.upstream import sieve as upstream_sieve
+from mailproxy.upstream import smtp as upstream_smtp
+
+
+@dataclass(frozen=True)
+class BackendLoginFacts:
+    """What a backend login machine may need besides the login itself; each protocol takes its part."""
+
+    login: bytes
+    password: bytes
+    attempt: object  # the client's AuthAttempt
+    ok: object  # the auth server's AuthOk
+    client_ip: str
+    client_host: str
+    client_id: object  # (client ip, port, local ip, port) for proxy_client_id, or None
+    starttls: bool
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    # Ports that imply this protocol when a server names none (spec 1.5); TLS is never implied.
+    ports: Tuple[int, ...]
+    config_class: type
+    machine_class: type
+    # (server, BackendLoginFacts) -> the upstream/ machine that logs in to the backend.
+    backend_login: Callable
+    # Bytes one read from the client may bring in the relay (nginx's <protocol>_client_buffer).
+    client_buffer: Callable
+    # Client-Host and XCLIENT NAME come from the resolver, asked before the greeting.
+    resolves_client: bool = False
+    # smtp_greeting_delay: seconds the greeting waits while a client that talks first is caught.
+    greeting_delay: Callable = lambda server: 0.0
+
+
+def _imap_login(server, facts):
+    return upstream_imap.ImapUpstreamLogin(
+        login=facts.login, password=facts.password, tag=facts.attempt.tag,
+        proxy_buffer=server.proxy_buffer, pass_error_message=server.proxy_pass_error_message,
+        client_id=facts.client_id, starttls=facts.starttls, client_fields=facts.attempt.imap_id,
+    )
+
+
+def _pop3_login(server, facts):
+    return upstream_pop3.Pop3UpstreamLogin(
+        login=facts.login, password=facts.password, proxy_buffer=server.proxy_buffer,
+        pass_error_message=server.proxy_pass_error_message, client_id=facts.client_id, starttls=facts.starttls,
+    )
+
+
+def _sieve_login(server, facts):
+    return upstream_sieve.SieveUpstreamLogin(
+        login=facts.login, password=facts.password, proxy_buffer=server.proxy_buffer,
+        pass_error_message=server.proxy_pass_error_message, starttls=facts.starttls,
+    )
+
+
+def _smtp_login(server, facts):
+    attempt, ok = facts.attempt, facts.ok
+    return upstream_smtp.SmtpUpstreamLogin(
+        server_name=server.server_name, login=facts.login, password=facts.password,
+        method=attempt.method, helo=attempt.helo, esmtp=attempt.esmtp,
+        mail_from=attempt.mail_from, rcpt_to=attempt.rcpt_to,
+        client_addr=facts.client_ip, client_host=facts.client_host,
+        xclient=server.xclient,
+        # Auth-Method from the auth server (ours) overrides proxy_smtp_auth for this login.
+        smtp_auth=ok.smtp_auth if ok.smtp_auth is not None else server.proxy_smtp_auth,
+        proxy_buffer=server.proxy_buffer, pass_error_message=server.proxy_pass_error_message,
+        starttls=facts.starttls,
+    )
+
+
+PROTOCOLS = {
+    "imap": Protocol("imap", (143, 993), imap.ImapConfig, imap.ImapMachine, _imap_login,
+                     lambda server: server.imap_client_buffer),
+    "pop3": Protocol("pop3", (110, 995), pop3.Pop3Config, pop3.Pop3Machine, _pop3_login,
+                     lambda server: server.pop3_client_buffer),
+    "smtp": Protocol("smtp", (25, 465, 587), smtp.SmtpConfig, smtp.SmtpMachine, _smtp_login,
+                     lambda server: server.smtp_client_buffer, resolves_client=True,
+                     greeting_delay=lambda server: server.smtp_greeting_delay),
+    # ManageSieve (RFC 5804) is ours; nginx has none. 4190 is its IANA port.
+    "sieve": Protocol("sieve", (4190,), sieve.SieveConfig, sieve.SieveMachine, _sieve_login,
+                      lambda server: server.sieve_client_buffer),
+}
