@@ -12,8 +12,6 @@ worker serves one generation, and the worker keeps one runtime per server block.
 """
 
 import time
-from dataclasses import dataclass
-from typing import Optional
 
 from mailproxy import metrics, throttle
 from mailproxy.auth_http import cache as auth_cache
@@ -32,14 +30,15 @@ BROKEN = "broken"  # the auth server could not be asked or answered nonsense: th
 BLOCKED_TEXT = throttle.BLOCKED_TEXT
 
 
-@dataclass(frozen=True)
 class Verdict:
-    kind: str
-    outcome: object = None  # AuthOk, AuthFail
-    log_level: str = "error"
-    log_message: Optional[str] = None  # BROKEN: the error-log line
-    login_result: Optional[str] = None  # BROKEN: the metrics' login result ("timeout" or "temporary")
-    now_blocked: bool = False  # REFUSED: this failure made mail_login_limit block the client
+    __slots__ = ("kind", "outcome", "log_message", "login_result", "now_blocked")
+
+    def __init__(self, kind, outcome=None, log_message=None, login_result=None, now_blocked=False):
+        self.kind = kind
+        self.outcome = outcome  # PASS: AuthOk; REFUSED: AuthFail
+        self.log_message = log_message  # BROKEN: the error-log line
+        self.login_result = login_result  # BROKEN: the metrics' login result ("timeout" or "temporary")
+        self.now_blocked = now_blocked  # REFUSED: this failure made mail_login_limit block the client
 
 
 class ServerRuntime:

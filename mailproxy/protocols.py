@@ -13,18 +13,21 @@ from mailproxy.upstream import sieve as upstream_sieve
 from mailproxy.upstream import smtp as upstream_smtp
 
 
-@dataclass(frozen=True)
 class BackendLoginFacts:
-    """What a backend login machine may need besides the login itself; each protocol takes its part."""
+    """What a backend login machine may need besides the login itself; each protocol takes its part.
+    (A plain class: a frozen dataclass costs a setattr call per field, on every login.)"""
 
-    login: bytes
-    password: bytes
-    attempt: object  # the client's AuthAttempt
-    ok: object  # the auth server's AuthOk
-    client_ip: str
-    client_host: str
-    client_id: object  # (client ip, port, local ip, port) for proxy_client_id, or None
-    starttls: bool
+    __slots__ = ("login", "password", "attempt", "ok", "client_ip", "client_host", "client_id", "starttls")
+
+    def __init__(self, login, password, attempt, ok, client_ip, client_host, client_id, starttls):
+        self.login = login
+        self.password = password
+        self.attempt = attempt  # the client's AuthAttempt
+        self.ok = ok  # the auth server's AuthOk
+        self.client_ip = client_ip
+        self.client_host = client_host
+        self.client_id = client_id  # (client ip, port, local ip, port) for proxy_client_id, or None
+        self.starttls = starttls
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ session_started frees it when its greenlet ends, and one that crashes finishes i
 
 import errno
 import fcntl
+import gc
 import importlib
 import os
 import posix
@@ -296,8 +297,8 @@ class Worker:
         on_loop = self.handler_on_loop
         if on_loop:
             # Family, type and protocol given: from a descriptor alone the socket module would ask the
-            # kernel for each.
-            sock = _socket.socket(binding.sock.family, binding.sock.type, 0, fd)
+            # kernel for each (and the listener's own .family converts to an enum on every read).
+            sock = _socket.socket(binding.listen.family, _socket.SOCK_STREAM, 0, fd)
             sock.setblocking(False)
         else:
             sock = self._gsocket(binding.sock.family, binding.sock.type, 0, fileno=fd)
@@ -595,5 +596,8 @@ def boot(config, bindings, foreign_fds, counter, handler=None, single=False, slo
         _report_boot(booted, text)
         return WORKER_BOOT_ERROR
     _report_boot(booted)
+    # What boot loaded (modules, the configuration, contexts) lives as long as the worker: out of the
+    # collector's way, its full collections walk only what sessions allocate.
+    gc.freeze()
     worker.run()
     return 0

@@ -57,19 +57,29 @@ class IdlePool:
         self._idle = deque()
 
     def take(self):
-        while self._idle:
+        if self._idle:
             conn = self._idle.pop()
-            if _still_open(conn.sock):
-                return conn
-            conn.close()
+            conn.stop()
+            return conn
         return None
 
     def give_back(self, conn: Connection) -> None:
-        conn.release_watchers()
         if len(self._idle) >= self.size:
             conn.close()
-        else:
-            self._idle.append(conn)
+            return
+        # An idle connection has nothing to read: the loop watches it, and whatever comes (the auth
+        # server's close, or bytes that would be read as the start of the next reply) retires it, with
+        # no system call when a session takes it. One closed in the instant before it is taken fails
+        # before the first reply byte, and the exchange asks again over a fresh one.
+        conn.wait(READ, self._retire, conn)
+        self._idle.append(conn)
+
+    def _retire(self, conn):
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            return  # taken in the meantime: its exchange reads it now
+        conn.close()
 
     def close(self) -> None:
         while self._idle:
@@ -77,17 +87,6 @@ class IdlePool:
 
     def __len__(self):
         return len(self._idle)
-
-
-def _still_open(sock) -> bool:
-    # An idle connection has nothing to read; EOF or stray bytes both mean it cannot carry a request.
-    try:
-        sock.recv(1, _socket.MSG_PEEK)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 # The reply headers a debug line shows; Auth-Pass (the backend password) is named, never shown.

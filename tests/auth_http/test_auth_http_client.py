@@ -2,6 +2,7 @@
 
 import socket
 import time
+from types import SimpleNamespace
 
 import gevent
 import pytest
@@ -229,3 +230,57 @@ def test_a_slow_answer_does_not_hold_up_other_requests(auth_server, keepalive):
     assert slow_done >= 2.5
     if keepalive:
         assert len(client_module._pools) == 1
+
+
+def test_keepalive_bytes_on_an_idle_connection_retire_it():
+    """Bytes an auth server writes on an idle kept-alive connection (a stray or forged second reply)
+    must never be read as the answer to the next request: the pool watches idle connections and drops
+    one that becomes readable, and the next request goes over a fresh connection."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stray_sent = threading.Event()
+    pooled = threading.Event()
+    forged = (b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 10.9.9.9\r\nAuth-Port: 25\r\n"
+              b"Content-Length: 0\r\n\r\n")
+
+    def serve():
+        for number in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                request_bytes = b""
+                while b"\r\n\r\n" not in request_bytes:
+                    request_bytes += conn.recv(4096)
+                conn.sendall(keepalive_answer().data)
+                if number == 0:
+                    assert pooled.wait(5)
+                    conn.sendall(forged)  # after the reply, unasked, while the connection sits idle
+                    stray_sent.set()
+                try:
+                    conn.recv(4096)  # hold it open until the client closes it
+                except OSError:
+                    pass  # the client reset it (unread bytes were left on its side)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    url = SimpleNamespace(host_header="127.0.0.1", uri="/auth", sockaddr=("127.0.0.1", port),
+                          family=socket.AF_INET, peer="127.0.0.1:%d" % port)
+    conf = settings(url, keepalive=True)
+    pool = client_module.pool_for(url)
+    try:
+        assert ask(conf).server == b"127.0.0.1"
+        assert len(pool) == 1
+        pooled.set()
+        assert stray_sent.wait(5)
+        deadline = time.monotonic() + 5
+        while len(pool) and time.monotonic() < deadline:
+            gevent.sleep(0.01)  # the hub runs: the pool's watcher sees the bytes and retires the connection
+        assert len(pool) == 0
+        assert ask(conf).server == b"127.0.0.1"
+    finally:
+        close_pools()
+        listener.close()
+        thread.join(5)
