@@ -1,7 +1,7 @@
 """Real Dovecot (IMAP, POP3) and Postfix (SMTP) backends for end-to-end tests: the pytest fixtures.
 
 The instances themselves (private, in a temporary directory, on free ports, stopped by pid) are
-mailproxy/localmail.py's, which the quick start uses too; this module adds the fixtures and require().
+tools/localmail.py's, which the quick start uses too; this module adds the fixtures and require().
 
 Use: ``from backends import dovecot, postfix`` in a test module (or ``pytest_plugins``). A missing
 binary skips the test, except under ``CI=true`` where it fails: CI must not go green by skipping.
@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from mailproxy.localmail import (  # re-exported: the tests import them from here
+from tools.localmail import (  # re-exported: the tests import them from here
     DOVECOT,
     MAIL_DOMAIN,
     MAIL_USER,

@@ -28,7 +28,7 @@ def demo(tmp_path_factory):
     users.write_text(text)
     auth_port = free_port()
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "mailproxy.demo_backend"]
+        [sys.executable, "-m", "tools.demo_backend"]
         + ["--%s=127.0.0.1:%d" % item for item in backend.items()], stderr=subprocess.DEVNULL)]
     try:
         wait_listening(backend["imap"], processes[0], "demo backend")

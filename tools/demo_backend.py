@@ -6,7 +6,7 @@ UID FETCH of headers, sizes and whole messages, LOGOUT), POP3 (USER/PASS, STAT, 
 and SMTP (EHLO, XCLIENT, AUTH PLAIN, MAIL, RCPT, DATA, QUIT), all on loopback, mail kept in memory. It
 trusts whoever connects, because only mailproxy (after the auth server said yes) should reach it.
 
-Usage: python -m mailproxy.demo_backend --imap 127.0.0.1:1143 --pop3 127.0.0.1:1110 --smtp 127.0.0.1:1025
+Usage: python -m tools.demo_backend --imap 127.0.0.1:1143 --pop3 127.0.0.1:1110 --smtp 127.0.0.1:1025
 """
 
 import argparse

@@ -7,7 +7,7 @@ where the Debian packages are installed but not running. Mail is stored as ``nob
 every Debian system, so no user has to be created.
 
 The test suite's fixtures (tests/backends.py) and the quick start (``./quickstart``, through
-``python3 -m mailproxy.localmail serve|stop``) both use them.
+``python3 -m tools.localmail serve|stop``) both use them.
 """
 
 import argparse
@@ -562,7 +562,7 @@ def serve(state: str, template: str, users_out: str) -> int:
         os.unlink(os.path.join(state, STATE_FILE))
 
 
-def _alive(pid: int, name: str) -> bool:
+def alive(pid: int, name: str) -> bool:
     """Whether pid is still a running process whose command line mentions name (pids get reused)."""
     try:
         with open("/proc/%d/stat" % pid) as stat:
@@ -576,14 +576,14 @@ def _alive(pid: int, name: str) -> bool:
 
 def stop_pid(pid: int, name: str, timeout: float = 30.0) -> None:
     """SIGTERM pid (if it is still `name`) and wait until it is gone; SIGKILL after timeout."""
-    if not _alive(pid, name):
+    if not alive(pid, name):
         return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while _alive(pid, name):
+    while alive(pid, name):
         if time.monotonic() > deadline:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -619,7 +619,7 @@ def stop(state: str) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m mailproxy.localmail", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 -m tools.localmail", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve_command = commands.add_parser("serve", help="run private Dovecot and Postfix until SIGTERM")
     serve_command.add_argument("--state", required=True, help="directory for localmail.json")
