@@ -265,10 +265,9 @@ def status(opts):
 
 
 def check_session_module():
-    from mailproxy.worker import DEFAULT_HANDLER, HANDLER_ENV
+    from mailproxy import worker
 
-    spec = os.environ.get(HANDLER_ENV) or DEFAULT_HANDLER
-    module = spec.partition(":")[0]
+    module = worker.DEFAULT_HANDLER.partition(":")[0]
     try:
         found = importlib.util.find_spec(module)
     except ImportError:

@@ -524,9 +524,14 @@ def command_line():
 
 
 def new_binary_argv():
-    """The command this master was started with, run afresh: whatever mailproxy is installed now."""
-    if os.path.basename(sys.argv[0]) in ("cli.py", "__main__.py"):
-        return [sys.executable, "-m", "mailproxy.cli"] + sys.argv[1:]
+    """The command this master was started with, run afresh: whatever mailproxy is installed now.
+    `python -m <module> ...` is replayed as it was typed (interpreter options and all), a program
+    (mailproxy-master) by its own path."""
+    # What came before the program's own arguments: the interpreter's options and `-m module` (and
+    # whatever a launcher module took off sys.argv for itself).
+    launcher = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv) + 1]
+    if "-m" in launcher:
+        return [sys.executable] + sys.orig_argv[1:]
     return [os.path.abspath(sys.argv[0])] + sys.argv[1:]
 
 

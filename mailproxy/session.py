@@ -708,6 +708,9 @@ class Session:
             nodelay=False,
             readers=readers,
         )
+        # An idle relayed session keeps only what its end needs (its log line, metrics, session_log):
+        # the login's parts go now, the password among them.
+        self.machine = self.backend = self.gate = self.attempt = self.client = self.queue = None
 
     def relay_closed(self, result):
         self.action = None

@@ -35,8 +35,9 @@ from mailproxy import log as errorlog
 from mailproxy import session_log, status
 from mailproxy.listeners import is_transient_accept_error
 
+# The session the workers run. Only the tests run another (tests/session_handler_master.py sets this
+# before the command line runs).
 DEFAULT_HANDLER = "mailproxy.session:handle"
-HANDLER_ENV = "MAILPROXY_SESSION_HANDLER"
 
 # Exit status of a worker that could not start; the master stops instead of respawning in a loop.
 WORKER_BOOT_ERROR = 3
@@ -65,7 +66,7 @@ class WorkerBootError(Exception):
 
 def resolve_handler(spec=None):
     """`module:function`; the default is the real session, a missing one is a boot failure."""
-    spec = spec or os.environ.get(HANDLER_ENV) or DEFAULT_HANDLER
+    spec = spec or DEFAULT_HANDLER
     module_name, _, attr = spec.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attr or "handle")
