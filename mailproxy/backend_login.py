@@ -9,13 +9,13 @@ reply and hands a logged-in backend to the relay.
 """
 
 import errno
-import os
 import time
 from collections import deque
 
 import _socket
 
 from mailproxy import proxy_protocol
+from mailproxy.log import errno_text
 from mailproxy.events import READ, WRITE, Connection
 from mailproxy.protocols import PROTOCOLS, BackendLoginFacts
 from mailproxy.tls import upstream as upstream_tls
@@ -125,7 +125,7 @@ class BackendLogin:
     def _connect_failed(self, code):
         self.conn.close()
         self.conn = None
-        self._fail("error", "connect() to %s failed (%s)" % (self.ok.upstream_text, _error_text(code)))
+        self._fail("error", "connect() to %s failed %s" % (self.ok.upstream_text, errno_text(code)))
 
     def _connected(self):
         server = self.server
@@ -182,7 +182,7 @@ class BackendLogin:
         try:
             data = conn.recv(_READ_SIZE)
         except OSError as exc:
-            self._fail("error", "recv() failed (%s)" % _error_text(exc.errno))
+            self._fail("error", "recv() failed %s" % errno_text(exc.errno or 0))
             return
         if data is None:
             conn.wait(conn.want, self.guard, self._read)
@@ -201,7 +201,7 @@ class BackendLogin:
         try:
             sent = conn.send(data)
         except OSError as exc:
-            self._fail("error", "send() failed (%s)" % _error_text(exc.errno))
+            self._fail("error", "send() failed %s" % errno_text(exc.errno or 0))
             return False
         if sent < len(data):
             self.unsent = data[sent:]
@@ -223,7 +223,7 @@ class BackendLogin:
         try:
             self.handshake = upstream_tls.Handshake(self.server, conn.sock, self.ok.addr, self.ok.port)
         except OSError as exc:
-            self._fail("error", "SSL_do_handshake() failed (%s)" % _error_text(exc.errno))
+            self._fail("error", "SSL_do_handshake() failed %s" % errno_text(exc.errno or 0))
             return
         conn.sock = self.handshake.sock  # the SSL socket owns the descriptor now
         self._handshake_step()
@@ -294,7 +294,3 @@ class BackendLogin:
         if on_done is not None:
             on_done(result)
 
-
-def _error_text(code):
-    code = code or 0
-    return "%d: %s" % (code, os.strerror(code))

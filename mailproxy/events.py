@@ -12,9 +12,9 @@ owner keeps (bench/RESULTS.md has the cost per login of both shapes).
 TLS, the ssl.SSLError) the caller words with ``failed_call``.
 """
 
-import os
 import ssl
 
+from mailproxy.log import errno_text
 from mailproxy.tls.openssl import ssl_error_text
 
 READ, WRITE = 1, 2
@@ -26,8 +26,7 @@ def failed_call(call: str, exc: OSError) -> str:
     would turn SSL_ERROR_SSL into "Operation not permitted")."""
     if isinstance(exc, ssl.SSLError):
         return "SSL_%s() failed (SSL: %s)" % ("read" if call == "recv" else "write", ssl_error_text(exc))
-    code = exc.errno or 0
-    return "%s() failed (%d: %s)" % (call, code, os.strerror(code))
+    return "%s() failed %s" % (call, errno_text(exc.errno or 0))
 
 
 class Connection:

@@ -65,10 +65,15 @@ class LogOpenError(Exception):
     """A log file cannot be opened; str() is the text nginx prints after "[emerg] "."""
 
 
-def os_error_text(exc):
+def errno_text(code):
     """`(<errno>: <strerror>)` as nginx appends it to a failed system call."""
+    return "(%d: %s)" % (code, os.strerror(code))
+
+
+def os_error_text(exc):
+    """errno_text of an OSError; one without an errno says what it is instead."""
     code = exc.errno if exc.errno is not None else 0
-    return "(%d: %s)" % (code, os.strerror(code) if code else str(exc))
+    return errno_text(code) if code else "(0: %s)" % exc
 
 
 class LogFile:

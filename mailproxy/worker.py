@@ -1,7 +1,8 @@
 """A worker process: post-fork setup, accept loops, worker_connections, graceful drain.
 
-Imported only in the child after fork (see `boot`), so gevent's patching happens before anything else
-in the worker touches sockets, and the master itself stays a plain single-threaded process.
+The CLI and the master import it too, but nothing here imports gevent at module level: the child patches
+with gevent first thing after fork (see `boot`), before anything in the worker touches sockets, and the
+master stays a plain single-threaded process.
 
 Session API (what mailproxy.session sees as `worker`):
   worker.log_for(server) -> ErrorLog          the server's error_log (shared open files)
@@ -114,7 +115,6 @@ class Worker:
         self._emfile_timer = None
         self._fd_pause = False
         self._full_logged = False
-        self._shutdown_timer = None
         self._done = None
 
     # -- what sessions call --------------------------------------------------------------------
@@ -384,7 +384,7 @@ class Worker:
             binding.sock.close()
         timeout = self.config.main.worker_shutdown_timeout
         if timeout is not None and self.active:
-            self._shutdown_timer = gevent.spawn_later(timeout, self._shutdown_timeout)
+            gevent.spawn_later(timeout, self._shutdown_timeout)
         self._maybe_exit()
 
     def _shutdown_timeout(self):
@@ -445,7 +445,7 @@ def _set_rlimit(log, which, name, limit):
         # Python's resource module reports setrlimit(2)'s EPERM (raising the hard limit without the
         # privilege) and EINVAL as ValueError; which one it was follows from the hard limit.
         code = errno.EPERM if limit > resource.getrlimit(which)[1] else errno.EINVAL
-        log.log("alert", "setrlimit(%s, %d) failed (%d: %s)" % (name, limit, code, os.strerror(code)))
+        log.log("alert", "setrlimit(%s, %d) failed %s" % (name, limit, errorlog.errno_text(code)))
     except OSError as exc:
         log.log("alert", "setrlimit(%s, %d) failed %s" % (name, limit, errorlog.os_error_text(exc)))
 
@@ -494,7 +494,7 @@ def _set_affinity(log, cpus):
         os.sched_setaffinity(0, cpus)
     except (OSError, ValueError) as exc:
         code = exc.errno if isinstance(exc, OSError) else errno.EINVAL
-        log.log("alert", "sched_setaffinity() failed (%d: %s)" % (code, os.strerror(code)))
+        log.log("alert", "sched_setaffinity() failed %s" % errorlog.errno_text(code))
 
 
 def _report_boot(fd, failure=None):

@@ -28,12 +28,12 @@ request carries the password.
 """
 
 import errno
-import os
 from collections import deque
 
 import _socket
 
 from mailproxy.events import READ, WRITE, Connection
+from mailproxy.log import errno_text
 
 from .response import SOCKET_FAILED, TIMED_OUT, AuthHttpError, ReplyParser
 
@@ -45,8 +45,7 @@ _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
 
 
 def _os_error(call: str, peer_text: str, code: int) -> AuthHttpError:
-    code = code or errno.EIO
-    return AuthHttpError("%s%s failed (%d: %s)" % (call, peer_text, code, os.strerror(code)), SOCKET_FAILED)
+    return AuthHttpError("%s%s failed %s" % (call, peer_text, errno_text(code or errno.EIO)), SOCKET_FAILED)
 
 
 class IdlePool:
@@ -140,8 +139,7 @@ class AuthHttpClient:
         self.keepalive = bool(server.auth_http_keepalive)
         self.pool = pool_for(url) if self.keepalive else None
         self.connect_text = " to " + url.peer
-        self.timed_out_text = "auth http server %s timed out (%d: %s)" % (
-            url.peer, errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+        self.timed_out_text = "auth http server %s timed out %s" % (url.peer, errno_text(errno.ETIMEDOUT))
 
     def start(self, request: bytes, on_reply, debug=None, guard=None) -> "AuthExchange":
         """Send ``request`` (from ``request.build``); ``on_reply(reply, error)`` runs once, from the loop,

@@ -11,8 +11,6 @@ SPACE = " \t\r\n"
 # What a backslash turns into inside a word; any other escaped byte keeps its backslash, as in nginx.
 ESCAPES = {'"': '"', "'": "'", "\\": "\\", "t": "\t", "r": "\r", "n": "\n"}
 
-END_SEMICOLON = ";"
-END_BLOCK_START = "{"
 END_BLOCK_END = "}"
 END_FILE = ""
 

@@ -3,7 +3,7 @@
 Bytes go in through ``receive_data``; actions come out (common.py). The machine owns the input buffer
 (bounded by ``imap_client_buffer``) and works through pipelined commands one at a time, stopping at an
 ``Authenticate`` until the session reports back. Timers are the session's: it arms the deadline at the
-greeting, cancels it while ``awaiting_auth`` and re-arms it whenever the machine reads again.
+greeting, drops it when an ``Authenticate`` comes out, and arms it anew after an Auth-Wait.
 """
 
 import enum

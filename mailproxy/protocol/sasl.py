@@ -1,4 +1,4 @@
-"""SASL payloads as nginx decodes them (spec 2.0.8, 9.4), for all three protocols.
+"""SASL payloads as nginx decodes them (spec 2.0.8, 9.4), for every protocol.
 
 Every parser returns its result or raises ``SaslError`` carrying the info-level log text; the protocol
 machine words the reply. Nothing here knows which protocol asked.
