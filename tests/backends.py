@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from mailproxy_testing import missing
+
 from tools.localmail import (  # re-exported: the tests import them from here
     DOVECOT,
     MAIL_DOMAIN,
@@ -33,11 +35,8 @@ __all__ = [
 
 
 def require(binary: str) -> None:
-    if os.path.exists(binary) and os.access(binary, os.X_OK):
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail("%s is required under CI=true (install the Debian package)" % binary)
-    pytest.skip("%s not installed" % binary)
+    if not (os.path.exists(binary) and os.access(binary, os.X_OK)):
+        missing("%s (install the Debian package)" % binary)
 
 
 @pytest.fixture(scope="module")

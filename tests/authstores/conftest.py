@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import servers  # noqa: E402
 from crypt_helper import sha512_crypt  # noqa: E402
-from mailproxy_testing import free_port  # noqa: E402
+from mailproxy_testing import free_port, missing  # noqa: E402
 
 STORES = ("users", "sqlite", "postgresql", "ldap-bind", "ldap-password")
 INVALID = "Invalid login or password"
@@ -36,19 +36,14 @@ PASSWORDS = {"alice@example.test": "alice-secret", "bob@example.test": "b0b-pass
 
 
 def require(path):
-    if path and os.access(path, os.X_OK):
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail("%s is required under CI=true (apt-get install postgresql slapd ldap-utils)" % path)
-    pytest.skip("%s not installed" % path)
+    if not (path and os.access(path, os.X_OK)):
+        missing("%s (apt-get install postgresql slapd ldap-utils)" % path)
 
 
 def require_module(name):
     # Found, not imported: mailproxy-auth imports it in its own process.
     if importlib.util.find_spec(name) is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("%s is required under CI=true (pip install -e '.[test]')" % name)
-        pytest.skip("%s not installed" % name)
+        missing("%s (pip install -e '.[test]')" % name)
 
 
 def users(ports=PORTS):

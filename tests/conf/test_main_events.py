@@ -14,6 +14,8 @@ import subprocess
 
 import pytest
 
+from mailproxy_testing import missing
+
 from mailproxy.cli import probe_files
 from mailproxy.conf import check
 
@@ -167,11 +169,14 @@ def test_directive(tmp_path, context, line, outcome):
     assert ours(path, str(tmp_path)) == want
 
 
-@pytest.mark.skipif(not os.path.exists(NGINX), reason="Debian's nginx is not installed")
-@pytest.mark.parametrize("context,line,outcome", CASES, ids=[c[1] for c in CASES])
+# Only what the reference nginx knows: a comparison that skips on every run is no test.
+NGINX_CASES = [case for case in CASES if case[1].split()[0] not in NGINX_DIFFERS]
+
+
+@pytest.mark.parametrize("context,line,outcome", NGINX_CASES, ids=[c[1] for c in NGINX_CASES])
 def test_same_as_nginx(tmp_path, context, line, outcome):
-    if line.split()[0] in NGINX_DIFFERS:
-        pytest.skip("nginx 1.22.1 has no %s" % line.split()[0])
+    if not os.path.exists(NGINX):
+        missing("Debian's nginx")
     path, _ = write(tmp_path, context, line)
     assert ours(path, str(tmp_path)) == nginx(path, str(tmp_path))
 

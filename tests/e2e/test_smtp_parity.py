@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nginxref  # noqa: E402
 from authserver import RecordingAuthServer  # noqa: E402
 from backends import USERS, postfix, wait_for_log  # noqa: E402,F401
-from mailproxy_testing import free_port  # noqa: E402
+from mailproxy_testing import free_port, missing  # noqa: E402
 
 PLAIN_ALICE = base64.b64encode(b"\0alice\0" + USERS["alice"].encode())
 SERVERS = {
@@ -46,9 +46,7 @@ def mail_block(auth_url, ports):
 @pytest.fixture(scope="module")
 def sides(postfix):
     if not nginxref.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("Debian's nginx with the mail module is required under CI=true")
-        pytest.skip("nginx-light + libnginx-mod-mail not installed")
+        missing("Debian's nginx with the mail module (nginx-light, libnginx-mod-mail)")
     auth = RecordingAuthServer(USERS, {"smtp": ("127.0.0.1", postfix.smtp_port)})
     nginx_ports = {name: free_port() for name in SERVERS}
     ours_ports = {name: free_port() for name in SERVERS}

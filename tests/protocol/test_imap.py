@@ -5,7 +5,6 @@ unterminated tail glued to the last client step. All must give the same actions 
 """
 
 import itertools
-import sys
 import os
 import types
 
@@ -18,8 +17,9 @@ from imap_cases.helpers import ALL, SALT, bad, ok
 from imap_cases.sasl_cases import SASL_CASES
 from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
 from mailproxy.protocol.imap import ImapConfig, ImapMachine, State
+from mailproxy_testing import missing
+from tests import nginxref
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # nginxref
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "200"))
 ACTION_TYPES = (Send, Close, Log, StartTLS, Authenticate)
 
@@ -247,9 +247,8 @@ def nginx_comparable():
 
 
 def test_transcripts_match_nginx():
-    nginxref = pytest.importorskip("nginxref", reason="tests/nginxref.py not importable")
     if not nginxref.available():
-        pytest.skip("Debian's nginx mail module is not installed")
+        missing("Debian's nginx mail module")
     cases = list(nginx_comparable())
     groups = {}
     for name, overrides, expected in cases:

@@ -16,6 +16,7 @@ from mailproxy.protocol import sasl
 from mailproxy.protocol.common import AuthAttempt, Authenticate, Close, Log, Send, StartTLS
 from mailproxy.protocol.smtp import SmtpConfig, SmtpMachine, State
 from tests import nginxref
+from mailproxy_testing import missing
 
 NAME = "mail.example.com"
 GREETING = b"220 mail.example.com ESMTP ready\r\n"
@@ -587,8 +588,9 @@ LIVE_CASES = [
 ]
 
 
-@pytest.mark.skipif(not nginxref.available(), reason="no nginx mail module")
 def test_same_bytes_as_nginx():
+    if not nginxref.available():
+        missing("Debian's nginx mail module")
     port = nginxref.free_port()
     block = ("auth_http 127.0.0.1:1/a; server { listen 127.0.0.1:%d; protocol smtp; server_name %s;"
              " max_errors 4; }" % (port, NAME))

@@ -11,8 +11,14 @@ import pytest
 from gevent import socket
 
 from mailproxy import relay
+from mailproxy_testing import missing
 
-pytestmark = pytest.mark.skipif(not relay.SPLICE_AVAILABLE, reason="the splice path is not in use")
+
+
+@pytest.fixture(autouse=True)
+def splice_in_use():
+    if not relay.SPLICE_AVAILABLE:
+        missing("the splice relay (mailproxy._splice built, MAILPROXY_NO_SPLICE unset)")
 
 
 def refusing_pump(real, refused):

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from mailproxy import relay
+from mailproxy_testing import missing
 
 from .conftest import ROOT, WAIT, Backend, drain, duplex, half_close, send_payload
 
@@ -25,8 +26,12 @@ TLSPROC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tlsproc.py")
 SIDES = ["client", "backend", "both"]
 BAD_RECORD = "SSL_read() failed (SSL: decryption failed or bad record mac)"
 
-pytestmark = pytest.mark.skipif(not relay.TLS_PUMP_AVAILABLE,
-                                reason="the OpenSSL bridge is off here, so the TLS pump is not used")
+
+
+@pytest.fixture(autouse=True)
+def tls_pump_in_use():
+    if not relay.TLS_PUMP_AVAILABLE:
+        missing("the TLS pump (the OpenSSL bridge active, MAILPROXY_TLS_PUMP unset)")
 
 
 class TlsProxy:

@@ -8,10 +8,15 @@ import threading
 import pytest
 
 from mailproxy import relay
+from mailproxy_testing import missing
 from mailproxy.events import failed_call
 
-pytestmark = pytest.mark.skipif(not relay.TLS_PUMP_AVAILABLE,
-                                reason="the OpenSSL bridge is off here, so the TLS pump is not used")
+
+
+@pytest.fixture(autouse=True)
+def tls_pump_in_use():
+    if not relay.TLS_PUMP_AVAILABLE:
+        missing("the TLS pump (the OpenSSL bridge active, MAILPROXY_TLS_PUMP unset)")
 
 bridge = relay._tls_bridge
 

@@ -10,7 +10,7 @@ import pytest
 from authserver import RecordingAuthServer
 from backends import USERS
 from mailproxy import relay
-from mailproxy_testing import free_port
+from mailproxy_testing import free_port, missing
 
 from .conftest import ROOT, WAIT
 from .test_tls_pump import BAD_RECORD, HandTls, corrupt
@@ -18,8 +18,12 @@ from .test_tls_pump import BAD_RECORD, HandTls, corrupt
 sys.path.insert(0, ROOT)
 from bench import engines  # noqa: E402  (the bench's IMAP backend, started and stopped by pid)
 
-pytestmark = pytest.mark.skipif(not relay.TLS_PUMP_AVAILABLE,
-                                reason="the OpenSSL bridge is off here, so the TLS pump is not used")
+
+
+@pytest.fixture(autouse=True)
+def tls_pump_in_use():
+    if not relay.TLS_PUMP_AVAILABLE:
+        missing("the TLS pump (the OpenSSL bridge active, MAILPROXY_TLS_PUMP unset)")
 
 
 @pytest.fixture

@@ -1,21 +1,15 @@
 """Helpers the throttling tests share (their fixtures are in conftest.py): a tiny IMAP backend for
 the logins that succeed; readiness of the processes they start is tests/conftest.py's wait_listening."""
 
-import os
 import socket
 import threading
 
-import pytest
-
-from mailproxy_testing import wait_listening  # noqa: F401  (the throttle tests import it from here)
+from mailproxy_testing import missing, wait_listening  # noqa: F401  (the throttle tests import it from here)
 
 
 def require(what, present):
-    # In CI a missing dependency is a broken setup (.ci/run installs it), not a reason to skip.
     if not present:
-        if os.environ.get("CI") == "true":
-            pytest.fail("%s is required in CI" % what)
-        pytest.skip("%s is not installed" % what)
+        missing(what)
 
 
 class TinyImapBackend:
