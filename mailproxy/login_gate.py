@@ -31,6 +31,8 @@ BLOCKED_TEXT = throttle.BLOCKED_TEXT
 
 
 class Verdict:
+    """What the gate decided, and what the session needs to act on it."""
+
     __slots__ = ("kind", "outcome", "log_message", "login_result", "now_blocked")
 
     def __init__(self, kind, outcome=None, log_message=None, login_result=None, now_blocked=False):
@@ -57,7 +59,8 @@ class ServerRuntime:
 
 
 class LoginGate:
-    """Decides one attempt; ``decide`` calls ``on_verdict(Verdict)`` once, from the loop.
+    """Decides one attempt; ``decide`` calls ``on_verdict(Verdict)`` once: before it returns when no
+    one need be asked (blocked, a cache hit), else later from the loop.
 
     ``pause(seconds, then)`` is the session's wait (it ends the session if the client leaves);
     ``guard(step, *args)`` runs the exchange's callbacks (the session's: a bug there ends the session);
