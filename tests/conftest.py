@@ -369,6 +369,26 @@ class MasterProcess:
         os.rmdir(self._notify_dir)
 
 
+# Two tiers. `peers`: the test starts real processes or peers (mailproxy masters, Dovecot, Postfix, nginx,
+# Redis, PostgreSQL, slapd, the quick start, the bench) or loads the relay, by folder, by fixture, by
+# module below, or by its own mark (a single test that starts nginx). The rest is the fast tier, `python -m pytest -m "not peers" tests`: machines, parsers, the auth_http client
+# and the relay on in-process sockets, the configuration.
+PEER_FOLDERS = {"authstores", "beyond", "e2e", "edge", "oauth", "observability", "reliability", "resolver",
+                "sieve", "throttle", "tls", "upstream_tls"}
+PEER_FIXTURES = {"mailproxy_master", "dovecot", "postfix"}
+PEER_MODULES = {"test_authserver.py", "test_authserver_attacks.py", "test_bench_quick.py", "test_quickstart.py",
+                "test_error_log_targets.py", "test_systemd_unit.py", "conf/test_conf_cases.py",
+                "conf/test_main_events.py", "relay/test_pump.py", "relay/test_tls_pump.py", "relay/test_load.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        where = os.path.relpath(str(item.path), TESTS)
+        if (where.split(os.sep)[0] in PEER_FOLDERS or where in PEER_MODULES
+                or PEER_FIXTURES.intersection(item.fixturenames)):
+            item.add_marker(pytest.mark.peers)
+
+
 @pytest.fixture
 def mailproxy_master(tmp_path):
     """Factory: mailproxy_master(config_text, daemon=False, handler=MINI_IMAP, env=None, start=True)."""

@@ -246,6 +246,7 @@ def nginx_comparable():
 
 
 
+@pytest.mark.peers  # Debian's nginx, started for the comparison
 def test_transcripts_match_nginx():
     if not nginxref.available():
         missing("Debian's nginx mail module")

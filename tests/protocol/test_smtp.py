@@ -588,6 +588,7 @@ LIVE_CASES = [
 ]
 
 
+@pytest.mark.peers  # Debian's nginx, started for the comparison
 def test_same_bytes_as_nginx():
     if not nginxref.available():
         missing("Debian's nginx mail module")
