@@ -49,12 +49,17 @@ def test_send_reports_what_the_kernel_took_and_the_wait_for_the_rest():
 def test_one_wait_at_a_time_the_last_one_counts():
     conn, peer = _pair()
     with peer:
-        calls = []
-        conn.wait(READ, calls.append, "first")
-        conn.wait(READ, calls.append, "second")
-        conn.wait(READ, calls.append, "second")  # the same again: stays armed once
+        calls, fired = [], Event()
+
+        def ready(name):
+            calls.append(name)
+            fired.set()
+
+        conn.wait(READ, ready, "first")
+        conn.wait(READ, ready, "second")
+        conn.wait(READ, ready, "second")  # the same again: stays armed once
         peer.sendall(b"x")
-        gevent.sleep(0.05)
+        assert fired.wait(5)
         conn.stop()
         assert set(calls) == {"second"}
         conn.close()
