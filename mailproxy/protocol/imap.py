@@ -6,12 +6,12 @@ Bytes go in through ``receive_data``; actions come out (common.py). The machine 
 greeting, drops it when an ``Authenticate`` comes out, and arms it anew after an Auth-Wait.
 """
 
-import enum
 from dataclasses import dataclass
 
 from . import sasl
-from .common import TOO_MANY_COMMANDS, AuthAttempt, Authenticate, Log, Machine, Send, too_long
-from .imap_parse import Kind, parse_line
+from .common import (EXCHANGE_STATES, RESPONSE_STATES, AuthAttempt, Authenticate, LiteralMachine, Log, Send,
+                     ServerConfig, State, responses, too_long)
+from .imap_parse import parse_line
 
 CRLF = b"\r\n"
 GREETING = b"* OK IMAP4 ready\r\n"
@@ -30,24 +30,13 @@ MAX_ID_BYTES = 1024
 GATED = frozenset(("cram-md5", "external", "xoauth2", "oauthbearer"))
 
 
-@dataclass(frozen=True)
-class ImapConfig:
+@dataclass(frozen=True, kw_only=True)
+class ImapConfig(ServerConfig):
     """Per-server settings with every fixed reply already assembled."""
 
     capability_plain: bytes  # CAPABILITY reply line on a connection without TLS
     capability_tls: bytes  # ... and with TLS (implicit or after STARTTLS)
-    auth_methods: frozenset = frozenset(("plain",))
-    starttls: str = "off"
-    client_buffer: int = 4096
-    max_errors: int = 5
-    max_commands: int = 1000
-    server_name: str = "localhost"
     client_id: bool = False  # imap_client_id (ours): ID answered before login instead of BAD
-    greeting: bytes = GREETING
-    # For the session: what the client gets when things fail outside the machine.
-    internal_error: bytes = b"* BAD internal server error\r\n"
-    ssl_cert_error: bytes = b"* BYE SSL certificate error\r\n"
-    ssl_no_cert: bytes = b"* BYE No required SSL certificate\r\n"
 
     @classmethod
     def build(
@@ -68,11 +57,15 @@ class ImapConfig:
             plain = base + b" STARTTLS LOGINDISABLED"
         else:
             plain = with_auth
+        settings.setdefault("greeting", GREETING)
         return cls(
             capability_plain=plain + CRLF,
             capability_tls=with_auth + CRLF,
             auth_methods=methods,
             starttls=starttls,
+            internal_error=b"* BAD internal server error\r\n",
+            ssl_cert_error=b"* BYE SSL certificate error\r\n",
+            ssl_no_cert=b"* BYE No required SSL certificate\r\n",
             **settings,
         )
 
@@ -90,90 +83,29 @@ class ImapConfig:
         )
 
 
-class State(enum.Enum):
-    START = "not authenticated"
-    AUTH_PLAIN = "AUTHENTICATE PLAIN response"
-    AUTH_LOGIN_USERNAME = "AUTHENTICATE LOGIN user name"
-    AUTH_LOGIN_PASSWORD = "AUTHENTICATE LOGIN password"
-    AUTH_CRAM_MD5 = "AUTHENTICATE CRAM-MD5 response"
-    AUTH_EXTERNAL = "AUTHENTICATE EXTERNAL response"
-    AUTH_XOAUTH2 = "AUTHENTICATE XOAUTH2 response"
-    AUTH_OAUTHBEARER = "AUTHENTICATE OAUTHBEARER response"
-    SASL_ERROR = "dummy response to an Auth-Error-SASL challenge"
-    AUTHENTICATING = "waiting for the auth server"
-    STARTTLS = "waiting for the TLS handshake"
-    CLOSED = "closed"
+class ImapMachine(LiteralMachine):
+    """One client's IMAP conversation up to the backend login.
 
+    ``state`` (a ``common.State``) is public for the session and tests; ``tag`` is the tag of the command
+    being handled, which every tagged reply, and the backend login's, answers under.
+    """
 
-class Command(enum.Enum):
-    NOOP = b"NOOP"
-    CAPABILITY = b"CAPABILITY"
-    LOGOUT = b"LOGOUT"
-    STARTTLS = b"STARTTLS"
-    LOGIN = b"LOGIN"
-    AUTHENTICATE = b"AUTHENTICATE"
-    ID = b"ID"  # only parsed with imap_client_id
-    RESPONSE = b""  # an untagged continuation line inside an AUTHENTICATE exchange
+    __slots__ = ("tag", "client_fields")
 
-
-# States whose input is parsed; in the others it waits in the buffer (or, after STARTTLS, is dropped).
-READING = frozenset(State) - {State.AUTHENTICATING, State.STARTTLS, State.CLOSED}
-
-
-class ImapMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_error=State.SASL_ERROR):
-    __slots__ = ("tag", "_acknowledged", "client_fields")
-
+    _LITERAL_GO_AHEAD = LITERAL_GO_AHEAD
 
     def __init__(self, config: ImapConfig, tls: bool = False, salt: bytes = None):
-        Machine.__init__(self, config, tls, salt)
+        LiteralMachine.__init__(self, config, tls, salt)
         self.tag = b""  # tag of the command being handled or authenticating (no trailing space)
-        self._acknowledged = 0  # "+ OK" already sent for the command at the head of the buffer
         self.client_fields = ()  # imap_client_id: the last ID's (name, value | None) pairs, bounded
 
-    def tls_established(self):
-        if self.state is State.STARTTLS:
-            self.tls = True
-            self.state = State.START
-        return []
-
-    # --- the input loop ---------------------------------------------------------------------------
-
-    def _process(self):
-        out = []
-        limit = self.config.client_buffer
-        while self.state in READING:
-            full = len(self._buffer) >= limit
-            if not full and self._buffer.find(b"\n", self._scan_from) < 0:
-                break
-            parsed = parse_line(self._buffer, limit, self.state is not State.START, self.config.client_id)
-            for _ in range(self._acknowledged, parsed.sync_literals):
-                out.append(Send(LITERAL_GO_AHEAD))
-            self._acknowledged = max(self._acknowledged, parsed.sync_literals)
-            if parsed.kind is Kind.INCOMPLETE and not full:
-                self._scan_from = max(len(self._buffer), parsed.wait_for)
-                break
-            if self.state is State.START:
-                self.tag = parsed.tag if parsed.tag is not None else NO_TAG
-            if parsed.kind in (Kind.INCOMPLETE, Kind.TOO_LONG):
-                out += self._too_long(parsed)
-                break
-            del self._buffer[: parsed.end]
-            self._scan_from = 0
-            self._acknowledged = 0
-            if parsed.kind is Kind.INVALID:
-                out += self._parse_error(parsed.close)
-                continue
-            self.commands += 1
-            if self.commands > self.config.max_commands:
-                out += self._fatal(TOO_MANY_COMMANDS)
-                break
-            command = Command(parsed.verb)
-            handler = TRANSITIONS.get((self.state, command))
-            if handler is None:
-                out += self._parse_error(False)
-                continue
-            out += handler(self, parsed.args)
-        return out
+    def _parse(self, limit):
+        if self.state in RESPONSE_STATES:
+            return parse_line(self._buffer, limit, True)
+        parsed = parse_line(self._buffer, limit, False, self.config.client_id)
+        # Replies to this command, a refusal of a bad or too long one included, go under its tag.
+        self.tag = parsed.tag if parsed.tag is not None else NO_TAG
+        return parsed
 
     def _prefix(self) -> bytes:
         return self.tag + b" "
@@ -189,6 +121,19 @@ class ImapMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_error
         # Continuation lines are SASL data (credentials): log none of it.
         shown = bytes(self._buffer[: parsed.end or self.config.client_buffer]) if start else b"..."
         return self._fatal(too_long(shown))
+
+    def _authenticate(self, method, login, password):
+        self.attempts += 1
+        self._method = method
+        self.login = login
+        self.state = State.AUTHENTICATING
+        salt = self._salt if method == "cram-md5" else None
+        attempt = AuthAttempt(method, login, password, self.attempts, salt=salt, tag=self.tag,
+                              imap_id=self.client_fields)
+        return [Authenticate(attempt)]
+
+    def _tls_required(self) -> bool:
+        return self.config.starttls == "only" and not self.tls
 
     # --- commands in the start state --------------------------------------------------------------
 
@@ -238,44 +183,31 @@ class ImapMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_error
             return self._start_exchange(method)
         if method == "cram-md5":
             return self._reject()
-        self.state = self._EXCHANGE_STATES[method]
-        try:
-            return self._respond(args[1:])
-        except sasl.SaslError as err:
-            return self._sasl_rejected(err)
+        self.state = EXCHANGE_STATES[method]
+        return self._respond(args[1:])
 
-    def _tls_required(self) -> bool:
-        return self.config.starttls == "only" and not self.tls
+    # --- inside an AUTHENTICATE exchange ----------------------------------------------------------
 
     def _response(self, args):
-        """A continuation line inside an AUTHENTICATE exchange; an empty one is an empty response."""
+        """A continuation line; an empty one is an empty response."""
         try:
             return self._respond(args or (b"",))
         except sasl.SaslError as err:
-            if self.state is State.AUTH_LOGIN_USERNAME:
-                # nginx answers a bad user name in the LOGIN exchange without any tag; clients expect it.
-                self.state = State.START
-                return [Log("info", str(err)), Send(BAD)]
-            return self._sasl_rejected(err)
+            if self.state is not State.AUTH_LOGIN_USERNAME:
+                raise
+            # nginx answers a bad user name in the LOGIN exchange without any tag; clients expect it.
+            self.state = State.START
+            return [Log("info", str(err)), Send(BAD)]
 
-    def _authenticate(self, method, login, password):
-        self.attempts += 1
-        self._method = method
-        self.login = login
-        self.state = State.AUTHENTICATING
-        salt = self._salt if method == "cram-md5" else None
-        attempt = AuthAttempt(method, login, password, self.attempts, salt=salt, tag=self.tag,
-                              imap_id=self.client_fields)
-        return [Authenticate(attempt)]
-
-
-TRANSITIONS = {
-    (State.START, Command.NOOP): ImapMachine._noop,
-    (State.START, Command.CAPABILITY): ImapMachine._capability,
-    (State.START, Command.LOGOUT): ImapMachine._logout,
-    (State.START, Command.STARTTLS): ImapMachine._starttls,
-    (State.START, Command.LOGIN): ImapMachine._login_command,
-    (State.START, Command.AUTHENTICATE): ImapMachine._authenticate_command,
-    (State.START, Command.ID): ImapMachine._id,
-}
-TRANSITIONS.update({(state, Command.RESPONSE): ImapMachine._response for state in READING - {State.START}})
+    # The parser knows no other command before login (ID only with imap_client_id): SELECT and the rest
+    # are parse errors, as in nginx.
+    TRANSITIONS = {
+        (State.START, b"NOOP"): _noop,
+        (State.START, b"CAPABILITY"): _capability,
+        (State.START, b"LOGOUT"): _logout,
+        (State.START, b"STARTTLS"): _starttls,
+        (State.START, b"LOGIN"): _login_command,
+        (State.START, b"AUTHENTICATE"): _authenticate_command,
+        (State.START, b"ID"): _id,
+        **responses(_response),
+    }

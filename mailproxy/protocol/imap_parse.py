@@ -6,9 +6,7 @@ only calls it again when something that can change the answer arrived (an LF, or
 which keeps the rescanning linear in practice.
 """
 
-import enum
-from dataclasses import dataclass, field
-from typing import List, Optional
+from .common import Kind, Parsed
 
 LF = 0x0A
 CR = 0x0D
@@ -29,25 +27,6 @@ DIGITS = frozenset(b"0123456789")
 VERBS = frozenset((b"NOOP", b"CAPABILITY", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE"))
 ID = b"ID"  # RFC 2971, only with imap_client_id (ours)
 VERBS_WITH_ID = VERBS | {ID}
-
-
-class Kind(enum.Enum):
-    COMPLETE = "complete"  # a whole command: tag, verb, args, end
-    INVALID = "invalid"  # a parse error; end is just past its LF
-    INCOMPLETE = "incomplete"  # wait for more bytes (wait_for: buffer length needed first)
-    TOO_LONG = "too long"  # cannot fit in the buffer whatever follows
-
-
-@dataclass
-class Parsed:
-    kind: Kind
-    tag: Optional[bytes] = None  # None when no tag was read completely (or a continuation line)
-    verb: bytes = b""  # upper case; empty for continuation lines
-    args: List[bytes] = field(default_factory=list)
-    end: int = 0  # bytes the command occupies, LF included
-    sync_literals: int = 0  # synchronising literal headers passed (each owes the client a "+ OK")
-    close: bool = False  # an invalid line announcing a non-synchronising literal
-    wait_for: int = 0  # INCOMPLETE: the buffer must reach this length before a rescan can help
 
 
 def parse_line(buf: bytes, limit: int, continuation: bool, client_id: bool = False) -> Parsed:
@@ -133,8 +112,6 @@ def _arguments(window: bytes, index: int, result: Parsed, limit: int) -> Parsed:
                 index = _quoted(window, index + 1, args)
             elif byte == OPEN_BRACE:
                 index = _literal(window, index + 1, result, limit)
-                if result.kind is Kind.TOO_LONG:
-                    return result
             else:
                 index = _atom(window, index, args)
         except _Bad as bad:
@@ -166,8 +143,6 @@ def _id_arguments(window: bytes, index: int, result: Parsed, limit: int) -> Pars
                         raise _Bad(index)  # a string cut by the line end: the list never closes
                 elif byte == OPEN_BRACE:
                     index = _literal(window, index + 1, result, limit, (SP, CR, LF, CLOSE_PAREN))
-                    if result.kind is Kind.TOO_LONG:
-                        return result
                 else:
                     index = _nil(window, index, (SP, CR, LF, CLOSE_PAREN))
                     result.args.append(None)
@@ -247,8 +222,8 @@ def _quoted(window: bytes, index: int, args: list):
 
 
 def _literal(window: bytes, index: int, result: Parsed, limit: int, ends=(SP, CR, LF)):
-    """Read ``{n}``/``{n+}`` CRLF and n bytes: the index after them, or -1 to wait (TOO_LONG is set
-    on ``result`` when the announced size can never fit)."""
+    """Read ``{n}``/``{n+}`` CRLF and n bytes: the index after them, or -1 to wait (for a literal that
+    can never fit, until the buffer is full and the command too long)."""
     length = len(window)
     start = index
     size = 0

@@ -10,12 +10,12 @@ compacts where nginx would not). Because only complete lines are looked at, the 
 give the same actions.
 """
 
-import enum
 import re
 from dataclasses import dataclass
 
 from . import sasl
-from .common import TOO_MANY_COMMANDS, AuthAttempt, Authenticate, LineMachine, Send, too_long
+from .common import (EXCHANGE_STATES, RESPONSE, RESPONSE_STATES, AuthAttempt, Authenticate, LineMachine, Machine,
+                     Send, ServerConfig, State, responses, too_long)
 
 CRLF = b"\r\n"
 OK = b"+OK\r\n"
@@ -28,45 +28,16 @@ MAX_ARGS = 3
 _VERB = re.compile(rb"[A-Za-z]{4}(?= |$)")
 
 
-class State(enum.Enum):
-    START = "start"
-    USER = "user"  # USER accepted, PASS expected
-    AUTH_PLAIN = "auth_plain"
-    AUTH_LOGIN_USERNAME = "auth_login_username"
-    AUTH_LOGIN_PASSWORD = "auth_login_password"
-    AUTH_CRAM_MD5 = "auth_cram_md5"
-    AUTH_EXTERNAL = "auth_external"
-    AUTH_XOAUTH2 = "auth_xoauth2"
-    AUTH_OAUTHBEARER = "auth_oauthbearer"
-    AUTH_ERROR_SASL = "auth_error_sasl"  # Auth-Error-SASL challenge sent, dummy response expected
-    AUTHENTICATING = "authenticating"  # waiting for the session: auth_failed() or the relay
-    STARTING_TLS = "starting_tls"  # waiting for tls_established()
-    CLOSED = "closed"
+@dataclass(frozen=True, kw_only=True)
+class Pop3Config(ServerConfig):
+    """Everything a POP3 session needs from its server block, wire bytes already assembled; ``greeting``
+    is the one without salt."""
 
-
-# States in which the next line is a command; in the other reading states it is a SASL response.
-COMMAND_STATES = frozenset((State.START, State.USER))
-
-
-@dataclass(frozen=True)
-class Pop3Config:
-    """Everything a POP3 session needs from its server block, wire bytes already assembled."""
-
-    methods: frozenset
-    starttls: str  # "off" | "on" | "only"
-    client_buffer: int
-    max_errors: int
-    max_commands: int
-    server_name: str
     needs_salt: bool  # apop or cram-md5 enabled: the session's salt goes into the greeting
-    greeting: bytes  # without salt
     capa: bytes  # TLS connections, the user state, starttls off
     capa_starttls: bytes  # starttls on, plain connection, start state
     capa_starttls_only: bytes  # starttls only, plain connection, start state
     auth_list: bytes  # reply to a bare AUTH
-    internal_error: bytes = b"-ERR internal server error\r\n"
-    ssl_cert_error: bytes = b"-ERR SSL certificate error\r\n"
-    ssl_no_cert: bytes = b"-ERR No required SSL certificate\r\n"
 
     @classmethod
     def from_server(cls, server) -> "Pop3Config":
@@ -110,7 +81,7 @@ class Pop3Config:
             b"+OK methods supported:\r\n" + b"".join(m.encode() + CRLF for m in mechs) + b".\r\n"
         )
         return cls(
-            methods=methods,
+            auth_methods=methods,
             starttls=starttls,
             client_buffer=client_buffer,
             max_errors=max_errors,
@@ -122,11 +93,10 @@ class Pop3Config:
             capa_starttls=capa_starttls,
             capa_starttls_only=capa_starttls_only,
             auth_list=auth_list,
+            internal_error=b"-ERR internal server error\r\n",
+            ssl_cert_error=b"-ERR SSL certificate error\r\n",
+            ssl_no_cert=b"-ERR No required SSL certificate\r\n",
         )
-
-
-class _Rejected(Exception):
-    """A handler refused the line: invalid reply, back to start, not counted as a parse error."""
 
 
 def parse_command(line: bytes):
@@ -164,11 +134,10 @@ def parse_response(line: bytes):
     return tokens
 
 
-class Pop3Machine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
-                  sasl_error=State.AUTH_ERROR_SASL):
+class Pop3Machine(LineMachine):
     """One client's POP3 conversation up to the backend login.
 
-    ``state`` (a ``State``) is public for the session and tests; everything else is internal.
+    ``state`` (a ``common.State``) is public for the session and tests; everything else is internal.
     """
 
     __slots__ = ("_greeting",)
@@ -189,33 +158,16 @@ class Pop3Machine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
     def greeting(self):
         return [Send(self._greeting)]
 
-    # -- line handling --------------------------------------------------------------------------
-
-    def _line(self, line: bytes):
+    def _parse(self, line: bytes):
         line = line[:-2] if line[-2:] == b"\r\n" else line[:-1]
-        command = self.state in COMMAND_STATES
-        parsed = parse_command(line) if command else parse_response(line)
-        if parsed is None:
-            return self._parse_error()
-        self.commands += 1
-        if self.commands > self.config.max_commands:
-            return self._fatal(TOO_MANY_COMMANDS)
-        try:
-            if not command:
-                return self._respond(parsed)
-            verb, args = parsed
-            handler = _COMMANDS.get((self.state, verb))
-            if handler is None:
-                raise _Rejected()
-            return handler(self, args)
-        except sasl.SaslError as err:
-            return self._sasl_rejected(err)
-        except _Rejected:
-            return self._reject()
+        if self.state in RESPONSE_STATES:
+            tokens = parse_response(line)
+            return None if tokens is None else (RESPONSE, tokens)
+        return parse_command(line)
 
     def _too_long(self, buffer: bytes):
         # A SASL response is a credential whatever it looks like: only commands are shown.
-        return self._fatal(too_long(buffer if self.state in COMMAND_STATES else b"..."))
+        return self._fatal(too_long(b"..." if self.state in RESPONSE_STATES else buffer))
 
     def _failure_reply(self, text: bytes, error_code) -> bytes:
         return b"-ERR " + text + CRLF
@@ -235,19 +187,19 @@ class Pop3Machine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
 
     def _user(self, args):
         if self._starttls_only() or len(args) != 1:
-            raise _Rejected()
+            return self._reject()
         self._login = self.login = args[0]
         self.state = State.USER
         return [Send(OK)]
 
     def _pass(self, args):
         if len(args) != 1:
-            raise _Rejected()
+            return self._reject()
         return self._authenticate("plain", self._login, args[0])
 
     def _apop(self, args):
-        if self._starttls_only() or "apop" not in self.config.methods or len(args) != 2:
-            raise _Rejected()
+        if self._starttls_only() or "apop" not in self.config.auth_methods or len(args) != 2:
+            return self._reject()
         return self._authenticate("apop", args[0], args[1])
 
     def _capa(self, args):
@@ -266,35 +218,36 @@ class Pop3Machine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
 
     def _stls(self, args):
         if self.tls or self.config.starttls not in ("on", "only"):
-            raise _Rejected()
+            return self._reject()
         return self._begin_tls(OK)
 
     def _auth(self, args):
         if self._starttls_only():
-            raise _Rejected()
+            return self._reject()
         if not args:
             return [Send(self.config.auth_list)]
         method = sasl.mechanism(args[0])
         initial = args[1:]
-        enabled = method in ("plain", "login") or method in self.config.methods
+        enabled = method in ("plain", "login") or method in self.config.auth_methods
         if method is None or not enabled or len(initial) > (0 if method == "cram-md5" else 1):
-            raise _Rejected()
+            return self._reject()
         if not initial:
             return self._start_exchange(method)
-        self.state = self._EXCHANGE_STATES[method]
+        self.state = EXCHANGE_STATES[method]
         return self._respond(initial)
 
-
-_COMMANDS = {
-    (State.START, b"USER"): Pop3Machine._user,
-    (State.START, b"APOP"): Pop3Machine._apop,
-    (State.START, b"AUTH"): Pop3Machine._auth,
-    (State.START, b"CAPA"): Pop3Machine._capa,
-    (State.START, b"STLS"): Pop3Machine._stls,
-    (State.START, b"NOOP"): Pop3Machine._noop,
-    (State.START, b"QUIT"): Pop3Machine._quit,
-    (State.USER, b"PASS"): Pop3Machine._pass,
-    (State.USER, b"CAPA"): Pop3Machine._capa,
-    (State.USER, b"NOOP"): Pop3Machine._noop,
-    (State.USER, b"QUIT"): Pop3Machine._quit,
-}
+    # Any other verb the parser knows (PASS before USER, USER after it, ...) gets the invalid reply.
+    TRANSITIONS = {
+        (State.START, b"USER"): _user,
+        (State.START, b"APOP"): _apop,
+        (State.START, b"AUTH"): _auth,
+        (State.START, b"CAPA"): _capa,
+        (State.START, b"STLS"): _stls,
+        (State.START, b"NOOP"): _noop,
+        (State.START, b"QUIT"): _quit,
+        (State.USER, b"PASS"): _pass,
+        (State.USER, b"CAPA"): _capa,
+        (State.USER, b"NOOP"): _noop,
+        (State.USER, b"QUIT"): _quit,
+        **responses(Machine._respond),
+    }

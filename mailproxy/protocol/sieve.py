@@ -13,12 +13,11 @@ response (the proxy has to speak before it knows the backend, so the SIEVE exten
 strings and a client answers each with a string, ``"*"`` cancelling the exchange (RFC 5804 2.1).
 """
 
-import enum
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass
 
 from . import sasl
-from .common import TOO_MANY_COMMANDS, AuthAttempt, Authenticate, Machine, Send, too_long
+from .common import (EXCHANGE_STATES, RESPONSE, RESPONSE_STATES, AuthAttempt, Authenticate, Kind, LiteralMachine,
+                     Machine, Parsed, Send, ServerConfig, State, responses, too_long)
 
 CRLF = b"\r\n"
 IMPLEMENTATION = b"mailproxy"
@@ -78,20 +77,12 @@ def capability_response(auth_methods, words, starttls: bool, login_allowed: bool
     return CRLF.join(lines) + CRLF + b"OK\r\n"
 
 
-@dataclass(frozen=True)
-class SieveConfig:
+@dataclass(frozen=True, kw_only=True)
+class SieveConfig(ServerConfig):
     """Per-server settings with every fixed reply already assembled."""
 
     capability_plain: bytes  # capability response (ending in OK) on a connection without TLS
     capability_tls: bytes  # ... and with TLS
-    auth_methods: frozenset = frozenset(("plain",))
-    starttls: str = "off"
-    client_buffer: int = 4096
-    max_errors: int = 5
-    max_commands: int = 1000
-    internal_error: bytes = INTERNAL_ERROR
-    ssl_cert_error: bytes = SSL_CERT_ERROR
-    ssl_no_cert: bytes = SSL_NO_CERT
 
     @classmethod
     def build(cls, auth_methods=("plain",), extensions=(), starttls="off", **settings) -> "SieveConfig":
@@ -102,6 +93,9 @@ class SieveConfig:
             capability_tls=capability_response(methods, words, False, True),
             auth_methods=methods,
             starttls=starttls,
+            internal_error=INTERNAL_ERROR,
+            ssl_cert_error=SSL_CERT_ERROR,
+            ssl_no_cert=SSL_NO_CERT,
             **settings,
         )
 
@@ -114,26 +108,11 @@ class SieveConfig:
             client_buffer=server.sieve_client_buffer,
             max_errors=server.max_errors,
             max_commands=server.max_commands,
+            server_name=server.server_name,
         )
 
 
 # --- the tokenizer ---------------------------------------------------------------------------------
-
-
-class Kind(enum.Enum):
-    COMPLETE = "complete"
-    INVALID = "invalid"  # a parse error; ``end`` is just past its LF
-    INCOMPLETE = "incomplete"  # wait for more (``wait_for``: buffer length needed first)
-
-
-@dataclass
-class Parsed:
-    kind: Kind
-    verb: bytes = b""  # upper case; empty for a SASL response line
-    args: List[bytes] = field(default_factory=list)
-    end: int = 0
-    close: bool = False  # an invalid line announcing a literal: its data cannot be told from commands
-    wait_for: int = 0
 
 
 class _Bad(Exception):
@@ -143,7 +122,8 @@ class _Bad(Exception):
 
 
 def parse_line(buf: bytes, limit: int, continuation: bool) -> Parsed:
-    """Parse the line at the head of ``buf`` (at most ``limit`` bytes); a SASL response has no verb."""
+    """Parse the line at the head of ``buf`` (at most ``limit`` bytes); a SASL response has no verb
+    (``RESPONSE``)."""
     window = bytes(buf[:limit])
     result = Parsed(Kind.COMPLETE)
     index = 0
@@ -245,7 +225,7 @@ def _literal(window: bytes, index: int, result: Parsed, limit: int) -> int:
         result.wait_for = limit  # cannot fit: it ends as "too long" once the buffer is full
         return -1
     if data_end >= length:
-        result.wait_for = data_end + 1
+        result.wait_for = data_end  # the byte after the data ends the line or starts more
         return -1
     result.args.append(window[index:data_end])
     return data_end
@@ -264,75 +244,25 @@ def _invalid(window: bytes, index: int) -> Parsed:
 # --- the machine ------------------------------------------------------------------------------------
 
 
-class State(enum.Enum):
-    START = "not authenticated"
-    AUTH_PLAIN = "AUTHENTICATE PLAIN response"
-    AUTH_LOGIN_USERNAME = "AUTHENTICATE LOGIN user name"
-    AUTH_LOGIN_PASSWORD = "AUTHENTICATE LOGIN password"
-    AUTH_XOAUTH2 = "AUTHENTICATE XOAUTH2 response"
-    AUTH_OAUTHBEARER = "AUTHENTICATE OAUTHBEARER response"
-    SASL_ERROR = "dummy response to an Auth-Error-SASL challenge"
-    AUTHENTICATING = "waiting for the auth server"
-    STARTTLS = "waiting for the TLS handshake"
-    CLOSED = "closed"
+class SieveMachine(LiteralMachine):
+    """One client's ManageSieve conversation up to the backend login.
 
+    ``state`` (a ``common.State``) is public for the session and tests; the rest is internal.
+    """
 
-READING = frozenset(State) - {State.AUTHENTICATING, State.STARTTLS, State.CLOSED}
-
-
-class SieveMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_error=State.SASL_ERROR):
     __slots__ = ()
 
     _INVALID = NO_INVALID
-    _BYE_TOO_MANY_INVALID, _BYE_LITERAL = BYE_TOO_MANY_INVALID, BYE_INVALID
+    _BYE_TOO_MANY_INVALID = BYE_TOO_MANY_INVALID
+    _BYE_TOO_MANY_COMMANDS = BYE_TOO_MANY_COMMANDS
+    _BYE_LITERAL = BYE_INVALID
+    _GREETS_AFTER_TLS = True
 
     def greeting(self):
         return [Send(self._capabilities())]
 
-    def tls_established(self):
-        if self.state is not State.STARTTLS:
-            return []
-        self.tls = True
-        self.state = State.START
-        # RFC 5804 2.2: after the handshake the server re-issues its capabilities unasked.
-        return [Send(self._capabilities())]
-
-    # --- the input loop ---------------------------------------------------------------------------
-
-    def _process(self):
-        out = []
-        limit = self.config.client_buffer
-        while self.state in READING:
-            full = len(self._buffer) >= limit
-            if not full and self._buffer.find(b"\n", self._scan_from) < 0:
-                break
-            parsed = parse_line(self._buffer, limit, self.state is not State.START)
-            if parsed.kind is Kind.INCOMPLETE:
-                if not full:
-                    self._scan_from = max(len(self._buffer), parsed.wait_for - 1)
-                    break
-                out += self._too_long()
-                break
-            del self._buffer[: parsed.end]
-            self._scan_from = 0
-            if parsed.kind is Kind.INVALID:
-                out += self._parse_error(parsed.close)
-                continue
-            self.commands += 1
-            if self.commands > self.config.max_commands:
-                out += self._fatal(TOO_MANY_COMMANDS, BYE_TOO_MANY_COMMANDS)
-                break
-            if self.state is State.START:
-                handler = COMMANDS.get(parsed.verb)
-                if handler is None:
-                    out += self._parse_error(False)
-                    continue
-            elif self.state is State.SASL_ERROR:
-                handler = SieveMachine._sasl_error_response
-            else:
-                handler = SieveMachine._response
-            out += handler(self, parsed.args)
-        return out
+    def _parse(self, limit):
+        return parse_line(self._buffer, limit, self.state in RESPONSE_STATES)
 
     def _capabilities(self) -> bytes:
         return self.config.capability_tls if self.tls else self.config.capability_plain
@@ -344,10 +274,17 @@ class SieveMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_erro
     def _failure_reply(self, text: bytes, error_code) -> bytes:
         return b"NO " + string(text) + CRLF
 
-    def _too_long(self):
+    def _too_long(self, parsed):
         # SASL responses are credentials: log none of them.
         shown = bytes(self._buffer) if self.state is State.START else b"..."
         return self._fatal(too_long(shown), BYE_TOO_LONG)
+
+    def _authenticate(self, method, login, password):
+        self.attempts += 1
+        self._method = method
+        self.login = login
+        self.state = State.AUTHENTICATING
+        return [Authenticate(AuthAttempt(method, login, password, self.attempts))]
 
     # --- commands ---------------------------------------------------------------------------------
 
@@ -380,10 +317,13 @@ class SieveMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_erro
             return self._reject()
         if len(args) == 1:
             return self._start_exchange(method)
-        self.state = self._EXCHANGE_STATES[method]
+        self.state = EXCHANGE_STATES[method]
         return self._answer(args[1])
 
+    # --- inside an AUTHENTICATE exchange ----------------------------------------------------------
+
     def _response(self, args):
+        """A client's string answering a challenge (RFC 5804 2.1)."""
         if len(args) != 1:
             return self._reject()
         return self._answer(args[0])
@@ -391,25 +331,18 @@ class SieveMachine(Machine, states=State, starting_tls=State.STARTTLS, sasl_erro
     def _answer(self, response: bytes):
         if response == b"*":
             return self._reject(NO_CANCELLED)
-        try:
-            return self._respond((response,))
-        except sasl.SaslError as err:
-            return self._sasl_rejected(err)
+        return self._respond((response,))
 
-    def _authenticate(self, method, login, password):
-        self.attempts += 1
-        self._method = method
-        self.login = login
-        self.state = State.AUTHENTICATING
-        return [Authenticate(AuthAttempt(method, login, password, self.attempts))]
-
-
-# Only these are known before login; HAVESPACE, PUTSCRIPT and the rest are parse errors here, as
-# IMAP's SELECT is to nginx: the proxy never serves them.
-COMMANDS = {
-    b"NOOP": SieveMachine._noop,
-    b"CAPABILITY": SieveMachine._capability,
-    b"LOGOUT": SieveMachine._logout,
-    b"STARTTLS": SieveMachine._starttls,
-    b"AUTHENTICATE": SieveMachine._authenticate_command,
-}
+    # Only these are known before login; HAVESPACE, PUTSCRIPT and the rest are parse errors here, as
+    # IMAP's SELECT is to nginx: the proxy never serves them. The dummy answer to an Auth-Error-SASL
+    # challenge is checked as it comes: the attempt is already refused, a "*" has nothing to cancel.
+    TRANSITIONS = {
+        (State.START, b"NOOP"): _noop,
+        (State.START, b"CAPABILITY"): _capability,
+        (State.START, b"LOGOUT"): _logout,
+        (State.START, b"STARTTLS"): _starttls,
+        (State.START, b"AUTHENTICATE"): _authenticate_command,
+        **responses(_response, (State.AUTH_PLAIN, State.AUTH_LOGIN_USERNAME, State.AUTH_LOGIN_PASSWORD,
+                                State.AUTH_XOAUTH2, State.AUTH_OAUTHBEARER)),
+        (State.SASL_ERROR, RESPONSE): Machine._sasl_error_response,
+    }

@@ -10,12 +10,12 @@ after every line (spec 9.13), so "too long command" only means one line did not 
 ``smtp_client_buffer``.
 """
 
-import enum
 from dataclasses import dataclass
 
 from mailproxy.protocol import sasl
-from mailproxy.protocol.common import (TOO_MANY_COMMANDS, AuthAttempt, Authenticate, LineMachine, Log, Send,
-                                       auth_server_text, escape_for_log, redact_command, too_long)
+from mailproxy.protocol.common import (EXCHANGE_STATES, RESPONSE, RESPONSE_STATES, AuthAttempt, Authenticate,
+                                       LineMachine, Log, Machine, Send, ServerConfig, State, auth_server_text,
+                                       escape_for_log, redact_command, responses, too_long)
 
 CRLF = b"\r\n"
 SP, CR, LF = 0x20, 0x0D, 0x0A
@@ -42,41 +42,16 @@ GATED_METHODS = frozenset(("cram-md5", "external", "xoauth2", "oauthbearer"))
 _UNSAFE = (b"\0", b"\r", b"\n")
 
 
-class State(enum.Enum):
-    START = "start"
-    AUTH_PLAIN = "auth plain"
-    AUTH_LOGIN_USERNAME = "auth login username"
-    AUTH_LOGIN_PASSWORD = "auth login password"
-    AUTH_CRAM_MD5 = "auth cram-md5"
-    AUTH_EXTERNAL = "auth external"
-    AUTH_XOAUTH2 = "auth xoauth2"
-    AUTH_OAUTHBEARER = "auth oauthbearer"
-    AUTH_ERROR_SASL = "auth error sasl"  # waiting for the dummy response to an Auth-Error-SASL challenge
-    AUTHENTICATING = "authenticating"  # the session is asking the auth server
-    STARTING_TLS = "starting tls"
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class SmtpConfig:
+@dataclass(frozen=True, kw_only=True)
+class SmtpConfig(ServerConfig):
     """Everything an SMTP session needs from its ``server {}``, wire bytes prepared once."""
 
-    server_name: str
-    auth_methods: frozenset
-    starttls: str  # "off" | "on" | "only"
-    client_buffer: int
-    max_errors: int
-    max_commands: int
-    greeting_delay: float
-    greeting: bytes
+    greeting_delay: float = 0.0
     helo: bytes
     ehlo_plain: bytes  # EHLO reply on a connection without TLS (starttls variants applied)
     ehlo_tls: bytes  # EHLO reply once TLS is up
     auth_ok: bytes = AUTH_OK
-    internal_error: bytes = INTERNAL_ERROR
     pipelining_rejected: bytes = b"503 5.5.0 Improper use of SMTP command pipelining\r\n"
-    ssl_cert_error: bytes = b"421 4.7.1 SSL certificate error\r\n"
-    ssl_no_cert: bytes = b"421 4.7.1 No required SSL certificate\r\n"
     invalid: bytes = INVALID
 
     @classmethod
@@ -96,9 +71,12 @@ class SmtpConfig:
         # Without TLS the STARTTLS variants apply; "only" hides AUTH until TLS is up (spec 2.3.4).
         plain = {"on": with_auth + [b"STARTTLS"], "only": base + [b"STARTTLS"]}.get(starttls, with_auth)
         return cls(
-            server_name, frozenset(auth_methods), starttls, client_buffer, max_errors, max_commands,
-            greeting_delay, greeting=b"220 " + name + b" ESMTP ready\r\n", helo=b"250 " + name + CRLF,
-            ehlo_plain=_multiline(plain), ehlo_tls=_multiline(with_auth),
+            server_name=server_name, auth_methods=frozenset(auth_methods), starttls=starttls,
+            client_buffer=client_buffer, max_errors=max_errors, max_commands=max_commands,
+            greeting_delay=greeting_delay, greeting=b"220 " + name + b" ESMTP ready\r\n",
+            helo=b"250 " + name + CRLF, ehlo_plain=_multiline(plain), ehlo_tls=_multiline(with_auth),
+            internal_error=INTERNAL_ERROR, ssl_cert_error=b"421 4.7.1 SSL certificate error\r\n",
+            ssl_no_cert=b"421 4.7.1 No required SSL certificate\r\n",
         )
 
 
@@ -157,14 +135,13 @@ def parse_response(line: bytes):
     return None if scanned is None else scanned[0]
 
 
-class SmtpMachine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
-                  sasl_error=State.AUTH_ERROR_SASL):
+class SmtpMachine(LineMachine):
     """One client's SMTP conversation up to the backend login.
 
-    ``state`` (a ``State``) and ``tls`` are public for the session and tests; the rest is internal.
+    ``state`` (a ``common.State``) and ``tls`` are public for the session and tests; the rest is internal.
     """
 
-    __slots__ = ("helo", "esmtp", "mail_from", "rcpt_to")
+    __slots__ = ("helo", "esmtp", "mail_from", "rcpt_to", "_command_text", "_command_line")
 
     _CHALLENGE_PREFIX = b"334 "
     _INVALID = INVALID
@@ -175,6 +152,9 @@ class SmtpMachine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
         self.esmtp = False
         self.mail_from = b""
         self.rcpt_to = b""
+        # The command being handled as the client wrote it, up to its last argument and whole: MAIL and
+        # RCPT hand on the first (Auth-SMTP-From/To), a refused MAIL logs the second (nginx's s->cmd).
+        self._command_text = self._command_line = b""
 
     def early_input(self, data: bytes):
         """Bytes that arrived before the delayed greeting: nginx refuses such a client (spec 2.3.2)."""
@@ -185,27 +165,19 @@ class SmtpMachine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _line(self, line: bytes):
-        start = self.state is State.START
-        parsed = parse_command(line) if start else parse_response(line)
+    def _parse(self, line: bytes):
+        if self.state in RESPONSE_STATES:
+            tokens = parse_response(line)
+            return None if tokens is None else (RESPONSE, tokens)
+        parsed = parse_command(line)
         if parsed is None:
-            return self._parse_error()
-        self.commands += 1
-        if self.commands > self.config.max_commands:
-            return self._fatal(TOO_MANY_COMMANDS)
-        try:
-            if not start:
-                return self._respond(parsed)
-            verb, args, raw = parsed
-            handler = _COMMANDS.get(verb)
-            if handler is None:
-                return self._reject()  # VRFY, EXPN and HELP parse but are never served
-            return handler(self, args, raw, line)
-        except sasl.SaslError as err:
-            return self._sasl_rejected(err)
+            return None
+        verb, args, self._command_text = parsed
+        self._command_line = line
+        return verb, args
 
     def _too_long(self, buffer: bytes):
-        if self.state is not State.START:
+        if self.state in RESPONSE_STATES:
             # A continuation line is SASL data: log it as the AUTH exchange it belongs to, redacted.
             buffer = b"AUTH " + buffer
         return self._fatal(too_long(buffer))
@@ -228,12 +200,12 @@ class SmtpMachine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
 
     # -- commands (spec 2.3.3) -------------------------------------------------------------------
 
-    def _helo(self, args, raw, line):
+    def _helo(self, args):
         if not self._introduce(args):
             return [Send(INVALID_ARGUMENT)]
         return [Send(self.config.helo)]
 
-    def _ehlo(self, args, raw, line):
+    def _ehlo(self, args):
         if not self._introduce(args):
             return [Send(INVALID_ARGUMENT)]
         self.esmtp = True
@@ -247,45 +219,45 @@ class SmtpMachine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
         self.mail_from = self.rcpt_to = b""
         return True
 
-    def _noop(self, args, raw, line):
+    def _noop(self, args):
         return [Send(OK)]
 
-    def _rset(self, args, raw, line):
+    def _rset(self, args):
         self.mail_from = self.rcpt_to = b""
         return [Send(OK)]
 
-    def _quit(self, args, raw, line):
+    def _quit(self, args):
         return [Send(BYE)] + self._close()
 
-    def _starttls(self, args, raw, line):
+    def _starttls(self, args):
         if self.tls or self.config.starttls == "off":
             return [Send(INVALID)]
         self.helo = self.mail_from = self.rcpt_to = b""
         return self._begin_tls(START_TLS)
 
-    def _mail(self, args, raw, line):
+    def _mail(self, args):
         if "none" not in self.config.auth_methods:
-            shown = line.replace(b"\r", b"_").replace(b"\n", b"_")
+            shown = self._command_line.replace(b"\r", b"_").replace(b"\n", b"_")
             return [
                 Log("info", 'client was rejected: "%s"' % escape_for_log(shown)),
                 Send(AUTH_REQUIRED),
             ]
         if self.mail_from:
             return [Send(BAD_SEQUENCE)]
-        if not args or _unsafe(raw):
+        if not args or _unsafe(self._command_text):
             return [Send(INVALID_ARGUMENT)]
-        self.mail_from = raw
+        self.mail_from = self._command_text
         return [Send(OK)]
 
-    def _rcpt(self, args, raw, line):
+    def _rcpt(self, args):
         if not self.mail_from:
             return [Send(BAD_SEQUENCE)]
-        if not args or _unsafe(raw):
+        if not args or _unsafe(self._command_text):
             return [Send(INVALID_ARGUMENT)]
-        self.rcpt_to = raw
+        self.rcpt_to = self._command_text
         return self._authenticate("none", b"", b"")
 
-    def _auth(self, args, raw, line):
+    def _auth(self, args):
         if self.config.starttls == "only" and not self.tls:
             return [Send(INVALID)]
         if not args:
@@ -301,8 +273,22 @@ class SmtpMachine(LineMachine, states=State, starting_tls=State.STARTING_TLS,
         if not initial:
             return self._start_exchange(method)
         # The initial response is handled as the first continuation line.
-        self.state = self._EXCHANGE_STATES[method]
+        self.state = EXCHANGE_STATES[method]
         return self._respond(initial)
+
+    # VRFY, EXPN and HELP parse but are never served: the invalid reply, as for any verb without an entry.
+    TRANSITIONS = {
+        (State.START, b"HELO"): _helo,
+        (State.START, b"EHLO"): _ehlo,
+        (State.START, b"NOOP"): _noop,
+        (State.START, b"RSET"): _rset,
+        (State.START, b"QUIT"): _quit,
+        (State.START, b"STARTTLS"): _starttls,
+        (State.START, b"MAIL"): _mail,
+        (State.START, b"RCPT"): _rcpt,
+        (State.START, b"AUTH"): _auth,
+        **responses(Machine._respond),
+    }
 
 
 def _redact_line(line: bytes) -> bytes:
@@ -312,16 +298,3 @@ def _redact_line(line: bytes) -> bytes:
 
 def _unsafe(value: bytes) -> bool:
     return any(byte in value for byte in _UNSAFE)
-
-
-_COMMANDS = {
-    b"HELO": SmtpMachine._helo,
-    b"EHLO": SmtpMachine._ehlo,
-    b"NOOP": SmtpMachine._noop,
-    b"RSET": SmtpMachine._rset,
-    b"QUIT": SmtpMachine._quit,
-    b"STARTTLS": SmtpMachine._starttls,
-    b"MAIL": SmtpMachine._mail,
-    b"RCPT": SmtpMachine._rcpt,
-    b"AUTH": SmtpMachine._auth,
-}

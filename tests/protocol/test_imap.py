@@ -175,7 +175,7 @@ def drive(machine, event):
     if event == "eof":
         return machine.receive_data(b"")
     if event == "tls":
-        return machine.tls_established()
+        return machine.tls_established() if machine.state is State.STARTING_TLS else []
     if not machine.awaiting_auth:
         return []
     return machine.auth_failed("no", event != "fail", sasl_error="eA==" if event == "sasl" else None)
