@@ -60,6 +60,7 @@ setup(
                       # metrics_listen: multiprocess-safe counters and the Prometheus text format
                       "prometheus_client>=0.17"],
     extras_require={"test": ["pytest", "hypothesis", "trustme", "dnspython", "cryptography", "sievelib", "redis",
+                             "pytest-cov",  # .ci/run: the fast tier's line coverage gate
                              # tests/authstores: mailproxy-auth on PostgreSQL and LDAP
                              "psycopg[binary]>=3.1", "psycopg-pool>=3.2", "ldap3>=2.9"],
                     "oauth": ["cryptography"],

@@ -3,7 +3,7 @@ and LDAP, with the answer cache off and on (issue 27).
 
     python -m bench.auth_stores [--seconds 5] [--concurrency 16] [--users 200] [--rounds 3]
 
-Starts a private PostgreSQL and slapd (tests/authstores/servers.py: free ports, temporary directories,
+Starts a private PostgreSQL and slapd (tests/support/store_servers.py: free ports, temporary directories,
 stopped by pid), fills every store with the same users, then for each (store, password scheme, cache)
 starts one mailproxy-auth process and loads it from a separate process (gevent + geventhttpclient,
 keep-alive, as mailproxy with `auth_http_keepalive on`), each request a right password for the next user
@@ -24,18 +24,15 @@ import sys
 import tempfile
 import time
 
+from tools.ports import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "tests", "authstores")]
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the test suite's servers (tests/support/store_servers.py)
 RESULT_MD = os.path.join(ROOT, "bench", "results", "auth_stores.md")
 STORES = ("users file", "SQLite", "PostgreSQL", "LDAP")
 SCHEMES = ("SHA512-CRYPT", "PLAIN")
 QUERY = "SELECT password, host FROM users WHERE userid = %{username} AND domain = %{domain}"
 
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def crypt_sha512(password):
@@ -58,8 +55,9 @@ class Fixtures:
     """Every store holding the same users, one table / subtree per scheme."""
 
     def __init__(self, work, count):
-        import servers
         import trustme
+
+        from support import store_servers as servers
 
         self.servers = servers
         self.work = work

@@ -15,16 +15,13 @@ import sys
 import tempfile
 import time
 
+from tools.ports import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NGINX = "/usr/sbin/nginx"
 MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 NOFILE = 20000
 
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ensure_nginx():

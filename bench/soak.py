@@ -4,7 +4,7 @@ then a check that the engine (master + current workers) keeps a flat RSS and des
     python bench/soak.py --minutes 3 --reload-every 10 --clients 12
 
 Run by hand (not part of the test suite). Backends are the reliability tests' scripted fakes and the
-auth server is tests/authserver.py's RecordingAuthServer, all in this process on threads. Figures are
+auth server is tests/support/authserver.py's RecordingAuthServer, all in this process on threads. Figures are
 taken once the load warmed up and again at the end, each after old workers drained; exit status 1 if
 RSS grew more than 25% (+8 MiB slack) or descriptors grew at all.
 """
@@ -20,18 +20,11 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "tests", "reliability"), os.path.join(ROOT, "tests")]
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the test suite's peers (tests/support/)
 
-import importlib.util  # noqa: E402
-
-# peers.py imports helpers from tests/conftest.py under the name the test suite gives it.
-_spec = importlib.util.spec_from_file_location("mailproxy_testing", os.path.join(ROOT, "tests", "conftest.py"))
-testing = importlib.util.module_from_spec(_spec)
-sys.modules["mailproxy_testing"] = testing
-_spec.loader.exec_module(testing)
-
-from peers import CONFIG, USERS, Bystander, FakeBackend, worker_fds, worker_rss_kib  # noqa: E402
-from authserver import RecordingAuthServer  # noqa: E402
+from support import harness as testing  # noqa: E402
+from support.authserver import RecordingAuthServer  # noqa: E402
+from support.peers import CONFIG, USERS, Bystander, FakeBackend, worker_fds, worker_rss_kib  # noqa: E402
 
 
 class Engine:

@@ -1,392 +1,111 @@
-"""Shared fixtures: run mailproxy-master in a temporary prefix and clean up every process by pid.
+"""The suite's tiers, its one hypothesis profile and the ``mailproxy_master`` fixture.
 
-    def test_x(mailproxy_master):
-        m = mailproxy_master(imap_config(port))         # daemon off, waits for READY=1
-        m = mailproxy_master(text, daemon=True)         # through `start`, which returns when ready
-        m.cli("reload"); m.reload(); m.error_log(); m.workers(); m.stop()
+Tiers (markers, declared in pyproject.toml), one per test:
 
-Readiness comes from the master itself: it sends systemd's READY=1 to $NOTIFY_SOCKET once its
-workers said they serve (and again after each reload, once the new ones are forked), so nothing here
-sleeps and hopes.
+- ``unit``: no process is started; machines, parsers, the configuration, the auth_http client and the
+  relay on in-process sockets. ``python3 -m pytest -m unit`` runs them alone, in under a minute.
+- ``process``: starts mailproxy masters or other processes of this repository, no outside peer.
+- ``peer``: talks to a real outside program: Dovecot, Postfix, Debian's nginx, Redis, PostgreSQL, slapd,
+  haproxy, openssl s_client.
 
-`mini_imap_session` is the session handler the worker runs in these tests (session_handler_master.py):
-a greeting, `a LOGOUT` answered, `a PID` telling which worker holds the session and `a ENV` its
-environment (JSON).
+``slow`` is marked besides, on what takes more than a few seconds (loads, the bench, the quick start).
+A test is ``unit`` unless the tables below or its own mark say otherwise, and a ``unit`` test that starts a
+process fails, so the fast tier cannot quietly grow slow.
+
+The shared helpers live in ``support/`` (pyproject.toml puts tests/ on sys.path).
 """
 
-import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-# Other test directories have their own conftest.py, so `import conftest` is ambiguous once pytest
-# has collected several; test modules import these helpers under this name instead.
-sys.modules.setdefault("mailproxy_testing", sys.modules[__name__])
+from support.harness import MINI_IMAP, MasterProcess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Fixtures any test may name: dovecot and postfix (real backends), auth_server (a scripted auth_http server).
+pytest_plugins = ("support.backends", "support.authhttp")
+
+# One profile for every property and fuzzer; CI raises the count with HYPOTHESIS_EXAMPLES.
+settings.register_profile(
+    "mailproxy",
+    max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES") or 100),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("mailproxy")
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
-MINI_IMAP = "conftest:mini_imap_session"
-STARTUP_TIMEOUT = 20.0
+
+# By folder, then by module (a module's entry wins over its folder's); single tests carry their own mark.
+PEER = {
+    "authstores", "e2e", "oauth/test_oauth_e2e.py", "sieve/test_sieve_e2e.py", "throttle/test_authserver_redis.py",
+    "throttle/test_two_nodes_redis.py", "tls", "upstream_tls", "upstream/test_backends_real.py",
+    "beyond/test_auth_cache.py", "beyond/test_client_id.py", "beyond/test_imap_client_id.py",
+    "beyond/test_smtp_backend_auth.py", "beyond/test_sni.py", "edge/test_proxy_protocol_backends.py",
+    "edge/test_proxy_protocol_listen.py", "edge/test_scale_out.py", "observability/test_observability.py",
+    "relay/test_tls_pump_worker.py", "test_quickstart.py", "conf/test_conf_cases.py", "differential",
+}
+PROCESS = {
+    "beyond", "reliability", "resolver/test_resolver_e2e.py", "throttle", "observability", "oauth",
+    "relay/test_pump.py", "relay/test_tls_pump.py", "relay/test_load.py", "relay/test_integrity.py",
+    "relay/test_lifecycle.py", "conf/test_conf_load.py",
+    "conf/test_main_events.py", "test_authserver.py", "test_authserver_attacks.py", "test_bench_quick.py",
+    "test_demo_backend.py", "test_error_log_targets.py", "test_listeners.py", "test_log.py", "test_master.py",
+    "test_process_control.py", "test_systemd_unit.py",
+}
+UNIT = {"tls/test_tls_context.py", "upstream_tls/test_machines.py", "reliability/test_machine_fuzz.py"}
+SLOW = {"test_bench_quick.py", "test_quickstart.py", "relay/test_load.py", "reliability/test_capacity.py",
+        "reliability/test_cuts.py", "reliability/test_faults.py", "edge/test_scale_out.py", "differential",
+        "e2e/test_imap_parity.py", "e2e/test_pop3_parity.py", "e2e/test_smtp_parity.py", "conf/test_conf_cases.py"}
+TIERS = ("unit", "process", "peer")
 
 
-# -- the session the test workers run ------------------------------------------------------------
+def _listed(where, table):
+    folder = where.split("/")[0]
+    return where in table or folder in table
 
 
-def mini_imap_session(sock, peer, listen, server, worker):
-    log = worker.log_for(server)
-    conn = worker.next_connection_number()
-    log.log("info", "client %s connected to %s" % (peer, listen.text), conn=conn)
-
-    def closer():
-        log.log("info", "shutdown timeout", conn=conn)
-        sock.shutdown(socket.SHUT_RDWR)
-
-    token = worker.session_started(closer)
-    try:
-        serve_mini_imap(sock)
-    finally:
-        sock.close()
-        worker.session_finished(token)
-
-
-def serve_mini_imap(sock):
-    sock.sendall(b"* OK IMAP4 ready\r\n")
-    buffered = b""
-    while True:
-        data = sock.recv(4096)
-        if not data:
-            break
-        buffered += data
-        while b"\r\n" in buffered:
-            line, buffered = buffered.split(b"\r\n", 1)
-            command = line.lower()
-            if command == b"a logout":
-                sock.sendall(b"* BYE\r\na OK completed\r\n")
-                return
-            if command == b"a pid":
-                sock.sendall(b"* PID %d\r\na OK\r\n" % os.getpid())
-            elif command == b"a env":
-                # The worker's environment as it has it: /proc/PID/environ shows only the memory the
-                # program started with, which setproctitle has since written over (nginx's alike).
-                sock.sendall(b"* ENV %s\r\na OK\r\n" % json.dumps(dict(os.environ)).encode())
-            else:
-                sock.sendall(b"* BAD\r\n")
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-_HANDED_OUT = set()
-
-
-def missing(what):
-    """Something a test needs (a peer, a package, a kernel feature) is not here: a skip on a workstation,
-    a failure under CI=true, where a green run must not hide a test that never ran."""
-    if os.environ.get("CI") == "true":
-        pytest.fail("%s is required under CI=true" % what)
-    pytest.skip("%s is not available" % what)
-
-
-def free_port(host="127.0.0.1", family=socket.AF_INET):
-    """A port nothing listens on, never one this test process handed out before: bind(0) may give a
-    just-released port straight back, and two servers of one configuration must not share a port
-    (a fresh-clone CI run once got nginx's duplicate-address error from exactly that)."""
-    probes = []
-    try:
-        while True:
-            # Every probe stays bound until one is new, so the kernel cannot offer the same port twice.
-            probe = socket.socket(family, socket.SOCK_STREAM)
-            probes.append(probe)
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
-            if port not in _HANDED_OUT:
-                _HANDED_OUT.add(port)
-                return port
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def mail_config(auth_url, body):
-    """One worker, info log, `timeout 10s`, `auth_http` at mail level: what the end-to-end tests of
-    the features beyond nginx share; ``body`` follows inside mail {} and closes it."""
-    return ("\nworker_processes 1;\nerror_log logs/error.log info;\nevents { worker_connections 64; }\n"
-            "mail {\n    auth_http %s;\n    timeout 10s;\n" % auth_url) + body
-
-
-def imap_config(*listens, main="", events="", mail="", server=""):
-    """A complete configuration: one IMAP server per `listens` entry (a listen line's arguments)."""
-    servers = "".join(
-        "    server {\n        listen %s;\n        protocol imap;\n%s    }\n" % (listen, server)
-        for listen in listens
-    )
-    return (
-        "%s\nevents {\n%s}\nmail {\n    auth_http http://127.0.0.1:9/auth;\n%s\n%s}\n"
-        % (main, events, mail, servers)
-    )
-
-
-def imap_session(address, family=socket.AF_INET, timeout=10.0, hold=False):
-    """Greeting, `a LOGOUT`, read to close; returns everything read (or the open socket if hold)."""
-    client = socket.socket(family, socket.SOCK_STREAM)
-    client.settimeout(timeout)
-    client.connect(address)
-    greeting = read_line(client)
-    assert greeting == b"* OK IMAP4 ready\r\n", greeting
-    if hold:
-        return client
-    with client:
-        client.sendall(b"a LOGOUT\r\n")
-        return greeting + read_to_close(client)
-
-
-def read_line(sock):
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def read_to_close(sock):
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return data
-        data += chunk
-
-
-def children(pid):
-    """Pids whose parent is `pid`, from /proc (the processes a master forked)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as handle:
-                stat = handle.read()
-        except OSError:
-            continue  # exited while we looked
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
-
-
-def cmdline(pid):
-    with open("/proc/%d/cmdline" % pid, "rb") as handle:
-        return handle.read().replace(b"\0", b" ").decode().strip()
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def wait_for(predicate, timeout=10.0, what="condition"):
-    """For states no event announces (a pid gone from /proc); checks often, gives up loudly."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(0.01)
-
-
-def wait_listening(port, process, what, timeout=20.0):
-    """Readiness of a server the test started: its port accepts; fails at once if it died instead."""
-    def accepts():
-        assert process.poll() is None, "%s exited with %s" % (what, process.returncode)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        except OSError:
-            return False
-        return True
-
-    wait_for(accepts, timeout, "%s to listen" % what)
-
-
-def wait_pid_exit(pid, timeout=10.0):
-    import select
-
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
-
-
-class MasterProcess:
-    def __init__(self, prefix, config_text, handler, env):
-        self.prefix = prefix
-        self.conf = os.path.join(prefix, "conf", "mailproxy.conf")
-        os.makedirs(os.path.dirname(self.conf), exist_ok=True)
-        os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
-        self.write_config(config_text)
-        # The notify socket lives in a short path: unix socket names stop at 108 bytes.
-        self._notify_dir = tempfile.mkdtemp(prefix="mpn")
-        self.notify_path = os.path.join(self._notify_dir, "notify")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        self.env = dict(os.environ, NOTIFY_SOCKET=self.notify_path,
-                        PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
-        self.handler = handler
-        self.env.update(env or {})
-        self.proc = None
-        self.pid = None
-        self.known_pids = set()
-
-    def write_config(self, text):
-        with open(self.conf, "w") as handle:
-            handle.write(text)
-
-    @property
-    def pid_file(self):
-        return os.path.join(self.prefix, "logs", "mailproxy.pid")
-
-    @property
-    def log_path(self):
-        return os.path.join(self.prefix, "logs", "error.log")
-
-    def command(self, *args):
-        # Another session handler than the product's comes through the tests' own entry point.
-        launcher = ["session_handler_master", self.handler] if self.handler else ["mailproxy.cli"]
-        return [sys.executable, "-m", *launcher, "-p", self.prefix, "-c", self.conf, *args]
-
-    def cli(self, *args, timeout=60):
-        return subprocess.run(self.command(*args), env=self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=self.prefix)
-
-    def start(self, daemon=False, timeout=STARTUP_TIMEOUT):
-        if daemon:
-            result = self.cli("-g", "daemon on;", "start")
-            assert result.returncode == 0, result.stderr
-            self.wait_notify("READY=1", timeout)
-            with open(self.pid_file) as handle:
-                self.pid = int(handle.read())
-        else:
-            self.proc = subprocess.Popen(self.command("-g", "daemon off;", "start"), env=self.env,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         cwd=self.prefix)
-            self.pid = self.proc.pid
-            self.wait_notify("READY=1", timeout)
-        self.known_pids.add(self.pid)
-        self.known_pids.update(self.workers())
-        return self
-
-    def wait_notify(self, wanted, timeout=STARTUP_TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or (self.proc is not None and self.proc.poll() is not None):
-                raise AssertionError("master did not send %s; stderr: %s; log:\n%s" % (
-                    wanted, self.proc.stderr.read().decode() if self.proc else "", self.error_log()))
-            self.notify.settimeout(min(remaining, 0.5))
-            try:
-                message = self.notify.recv(4096).decode()
-            except socket.timeout:
-                continue
-            if wanted in message.split("\n"):
-                return message
-
-    def drain_notify(self):
-        self.notify.setblocking(False)
-        try:
-            while True:
-                self.notify.recv(4096)
-        except BlockingIOError:
-            return
-
-    def reload(self, timeout=STARTUP_TIMEOUT):
-        """HUP, then wait until the master reports it is serving again (new workers forked)."""
-        self.drain_notify()
-        os.kill(self.pid, signal.SIGHUP)
-        self.wait_notify("RELOADING=1", timeout)
-        self.wait_notify("READY=1", timeout)
-        self.known_pids.update(self.workers())
-
-    def workers(self):
-        found = children(self.pid)
-        self.known_pids.update(found)
-        return found
-
-    def error_log(self):
-        try:
-            with open(self.log_path, errors="replace") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return ""
-
-    def wait_log(self, text, timeout=10.0):
-        wait_for(lambda: text in self.error_log(), timeout, "%r in the error log" % text)
-
-    def wait_exit(self, timeout=15.0):
-        if self.proc is not None:
-            return self.proc.wait(timeout)
-        assert wait_pid_exit(self.pid, timeout), "master %d still running" % self.pid
-        return None
-
-    def stop(self):
-        result = self.cli("stop")
-        assert result.returncode == 0, result.stderr
-        self.wait_exit()
-
-    def kill_leftovers(self):
-        # A fast stop first, so the master reaps its own workers (a daemon's orphans would stay
-        # zombies under an init that does not reap); SIGKILL for whatever is left.
-        if self.pid and pid_alive(self.pid):
-            self.known_pids.update(children(self.pid))
-            os.kill(self.pid, signal.SIGTERM)
-            wait_pid_exit(self.pid, 5.0)
-        for pid in sorted(self.known_pids | set(children(self.pid or -1))):
-            try:
-                if "mailproxy" not in cmdline(pid):
-                    continue  # gone, and the number already belongs to someone else
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, FileNotFoundError):
-                continue
-        if self.proc is not None:
-            self.proc.wait(10)
-            for stream in (self.proc.stdout, self.proc.stderr):
-                if stream is not None:
-                    stream.close()
-        self.notify.close()
-        os.unlink(self.notify_path)
-        os.rmdir(self._notify_dir)
-
-
-# Two tiers. `peers`: the test starts real processes or peers (mailproxy masters, Dovecot, Postfix, nginx,
-# Redis, PostgreSQL, slapd, the quick start, the bench) or loads the relay, by folder, by fixture, by
-# module below, or by its own mark (a single test that starts nginx). The rest is the fast tier, `python -m pytest -m "not peers" tests`: machines, parsers, the auth_http client
-# and the relay on in-process sockets, the configuration.
-PEER_FOLDERS = {"authstores", "beyond", "e2e", "edge", "oauth", "observability", "reliability", "resolver",
-                "sieve", "throttle", "tls", "upstream_tls"}
-PEER_FIXTURES = {"mailproxy_master", "dovecot", "postfix"}
-PEER_MODULES = {"test_authserver.py", "test_authserver_attacks.py", "test_bench_quick.py", "test_quickstart.py",
-                "test_error_log_targets.py", "test_systemd_unit.py", "conf/test_conf_cases.py",
-                "conf/test_main_events.py", "relay/test_pump.py", "relay/test_tls_pump.py", "relay/test_load.py"}
+def _tier(where):
+    for tier, table in (("unit", UNIT), ("peer", PEER), ("process", PROCESS)):
+        if where in table:
+            return tier
+    for tier, table in (("peer", PEER), ("process", PROCESS)):
+        if where.split("/")[0] in table:
+            return tier
+    return "unit"
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        where = os.path.relpath(str(item.path), TESTS)
-        if (where.split(os.sep)[0] in PEER_FOLDERS or where in PEER_MODULES
-                or PEER_FIXTURES.intersection(item.fixturenames)):
-            item.add_marker(pytest.mark.peers)
+        where = os.path.relpath(str(item.path), TESTS).replace(os.sep, "/")
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(_tier(where))
+        if _listed(where, SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
+def _no_process(*args, **kwargs):
+    raise AssertionError("a unit test started a process: mark it process or peer (tests/conftest.py)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A unit test, its fixtures included, may start no process: fork and exec fail while it runs."""
+    if item.get_closest_marker("unit") is None:
+        yield
+        return
+    # subprocess keeps its own reference to fork_exec; posix_spawn is its other way to start a program.
+    hooks = ((os, "fork"), (os, "posix_spawn"), (os, "posix_spawnp"), (subprocess, "_fork_exec"))
+    saved = [getattr(module, name) for module, name in hooks]
+    for module, name in hooks:
+        setattr(module, name, _no_process)
+    try:
+        yield
+    finally:
+        for (module, name), original in zip(hooks, saved):
+            setattr(module, name, original)
 
 
 @pytest.fixture

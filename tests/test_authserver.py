@@ -1,6 +1,5 @@
 """mailproxy-auth against the auth_http protocol: a real process, real HTTP requests."""
 
-import crypt_helper  # noqa: F401  (tests/crypt_helper.py)
 import hashlib
 import hmac
 import os
@@ -12,7 +11,8 @@ import time
 import pytest
 import requests
 
-from crypt_helper import sha512_crypt, bcrypt_hash
+from support.crypt_helper import bcrypt_hash, sha512_crypt
+from tools.ports import free_port
 
 USERS = """
 # default backends
@@ -26,11 +26,6 @@ user carol@example.org %s imap=127.0.0.1:4143
 """
 
 
-def free_port():
-    # One source of ports for the whole run (tests/conftest.py): it never hands out a port twice.
-    from mailproxy_testing import free_port as shared
-
-    return shared()
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from mailproxy.authserver.users import _crypt
-from mailproxy_testing import free_port, wait_for
+
+from support.harness import free_port, wait_for
 
 INVALID = "Invalid login or password"
 LOCKED = "Too many invalid logins, try again later"

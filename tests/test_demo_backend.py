@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mailproxy_testing import free_port, wait_listening
+from support.harness import free_port, wait_listening
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER, PASSWORD = "alice@example.com", "wonderland"

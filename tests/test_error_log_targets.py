@@ -3,7 +3,7 @@ datagram socket (receivers this test binds), a syslog server that is not there, 
 their own levels, debug lines for a login, debug_connection, and `-t` on a bad syslog target.
 
 The sessions are real: RecordingAuthServer answers auth_http and a FakeBackend (tests/reliability/
-peers.py) takes the backend login, so every step a session logs is walked.
+support/peers.py) takes the backend login, so every step a session logs is walked.
 """
 
 import base64
@@ -19,13 +19,12 @@ import time
 import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(TESTS, "reliability"))
-
-from authserver import RecordingAuthServer  # noqa: E402
-from mailproxy_testing import ROOT, free_port, read_line, wait_for  # noqa: E402
-from peers import FakeBackend, read_reply, read_until_close  # noqa: E402
 
 import mailproxy  # noqa: E402
+
+from support.authserver import RecordingAuthServer
+from support.harness import ROOT, free_port, read_line, wait_for
+from support.peers import FakeBackend, read_reply, read_until_close
 
 PASSWORD = "Zq9-debug-secret"
 USERS = {"alice": PASSWORD}
@@ -305,8 +304,9 @@ def test_no_password_in_debug_lines(proxy, mailproxy_master):
         assert form not in logs, form
     assert any(raw in request for request, _ in p.auth.requests)  # it did travel to the auth server
     # test_secrets.py's every login method, failure and too-long line, now with the sessions at debug.
-    from peers import Edge
     from test_secrets import test_no_password_in_any_log_line
+
+    from support.peers import Edge
 
     def debug_edge(**kw):
         kw["mail"] = kw.get("mail", "") + " error_log logs/error.log debug;"

@@ -7,9 +7,10 @@ import subprocess
 
 import pytest
 
-from mailproxy_testing import free_port
 from mailproxy import listeners
 from mailproxy.conf import load_config
+
+from support.harness import free_port
 
 
 @pytest.fixture

@@ -17,8 +17,18 @@ import threading
 import pytest
 
 import mailproxy.cli
-from mailproxy_testing import (ROOT, cmdline, free_port, imap_config, imap_session, pid_alive, read_line,
-                               read_to_close, wait_for)
+
+from support.harness import (
+    ROOT,
+    cmdline,
+    free_port,
+    imap_config,
+    imap_session,
+    pid_alive,
+    read_line,
+    read_to_close,
+    wait_for,
+)
 
 NOTICE = "error_log logs/error.log notice;"
 BYE = b"* OK IMAP4 ready\r\n* BYE\r\na OK completed\r\n"
@@ -337,7 +347,7 @@ def test_upgrade_on_the_fly_under_load_then_roll_back(mailproxy_master):
     """USR2 starts the installed program (here a changed copy, first on PYTHONPATH) as a new master on the
     same sockets; WINCH lets the old workers go; HUP and QUIT to the new master roll back. Sessions keep
     coming all along and none is refused; the one held since before the upgrade goes on relaying."""
-    from mailproxy_testing import TESTS, children, wait_pid_exit
+    from support.harness import TESTS, children, wait_pid_exit
 
     site = tempfile.mkdtemp(prefix="mp-site-")
     os.chmod(site, 0o755)  # read by the new master's workers after they left root

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 
-from mailproxy_testing import missing
+from support.harness import missing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

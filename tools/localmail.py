@@ -6,7 +6,7 @@ Nothing under /etc or /var is touched and no system service is needed, so they r
 where the Debian packages are installed but not running. Mail is stored as ``nobody``, which exists on
 every Debian system, so no user has to be created.
 
-The test suite's fixtures (tests/backends.py) and the quick start (``./quickstart``, through
+The test suite's fixtures (tests/support/backends.py) and the quick start (``./quickstart``, through
 ``python3 -m tools.localmail serve|stop``) both use them.
 """
 
@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from tools.ports import free_port
+
 DOVECOT = "/usr/sbin/dovecot"
 # Pigeonhole (dovecot-managesieved): only when installed does the fixture serve ManageSieve too.
 MANAGESIEVE = "/usr/lib/dovecot/managesieve"
@@ -32,11 +34,6 @@ MAIL_DOMAIN = "example.test"
 USERS = {"alice": "alice-secret", "bob": "b0b pass+="}
 START_TIMEOUT = 20.0
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _greets(port: int) -> bool:

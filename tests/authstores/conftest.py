@@ -19,20 +19,10 @@ import requests
 import trustme
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
 
-import servers  # noqa: E402
-from crypt_helper import sha512_crypt  # noqa: E402
-from mailproxy_testing import free_port, missing  # noqa: E402
-
-STORES = ("users", "sqlite", "postgresql", "ldap-bind", "ldap-password")
-INVALID = "Invalid login or password"
-TEMPORARY = "Temporary server problem, try again later"
-# Ports the auth_http-level tests route to (nothing listens: only the answer is checked).
-PORTS = {"imap": 1143, "pop3": 1110, "smtp": 1025, "sieve": 4190}
-PASSWORDS = {"alice@example.test": "alice-secret", "bob@example.test": "b0b-pass+=",
-             "carol@example.test": "carol's'OR'1'='1--"}
+from support import store_servers
+from support.auth_stores import PORTS, ini, users
+from support.harness import free_port, missing
 
 
 def require(path):
@@ -44,17 +34,6 @@ def require_module(name):
     # Found, not imported: mailproxy-auth imports it in its own process.
     if importlib.util.find_spec(name) is None:
         missing("%s (pip install -e '.[test]')" % name)
-
-
-def users(ports=PORTS):
-    """(login, stored password, routes): alice hashed, bob {PLAIN} (APOP/CRAM-MD5), carol with a
-    password full of SQL, routed for IMAP to her own backend."""
-    return [
-        ("alice@example.test", "{SHA512-CRYPT}" + sha512_crypt(PASSWORDS["alice@example.test"]), None),
-        ("bob@example.test", "{PLAIN}" + PASSWORDS["bob@example.test"], None),
-        ("carol@example.test", "{SHA512-CRYPT}" + sha512_crypt(PASSWORDS["carol@example.test"]),
-         "127.0.0.1:%d" % (ports["imap"] + 1)),
-    ]
 
 
 # -- the servers -------------------------------------------------------------------------------------
@@ -74,9 +53,9 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def postgres():
-    binaries = servers.postgres_bin()
+    binaries = store_servers.postgres_bin()
     require(os.path.join(binaries, "postgres") if binaries else "/usr/lib/postgresql/*/bin/postgres")
-    server = servers.PostgreSQL(free_port())
+    server = store_servers.PostgreSQL(free_port())
     try:
         server.start()
         yield server
@@ -86,9 +65,9 @@ def postgres():
 
 @pytest.fixture(scope="session")
 def slapd(pki):
-    require(servers.SLAPD)
-    require(servers.LDAPSEARCH)
-    server = servers.Slapd(free_port(), free_port(), pki["cert"], pki["key"], pki["ca"])
+    require(store_servers.SLAPD)
+    require(store_servers.LDAPSEARCH)
+    server = store_servers.Slapd(free_port(), free_port(), pki["cert"], pki["key"], pki["ca"])
     try:
         server.start()
         yield server
@@ -169,7 +148,7 @@ class Stores:
         elif kind in ("ldap-bind", "ldap-password"):
             require_module("ldap3")
             server = self.request.getfixturevalue("slapd")
-            base = "ou=t%d,ou=people,%s" % (Stores.counter, servers.SUFFIX)
+            base = "ou=t%d,ou=people,%s" % (Stores.counter, store_servers.SUFFIX)
             ldif = ["dn: %s\nobjectClass: organizationalUnit\nou: t%d\n" % (base, Stores.counter)]
             for login, password, route in entries:
                 userid = login.partition("@")[0]
@@ -181,7 +160,7 @@ class Stores:
                             % (userid, base, userid, userid, userid, login, stored,
                                "mailRoutingAddress: %s\n" % route if route else ""))
             server.add("\n".join(ldif))
-            options = {"type": "ldap", "url": server.url, "bind_dn": servers.SEARCH_DN,
+            options = {"type": "ldap", "url": server.url, "bind_dn": store_servers.SEARCH_DN,
                        "bind_password": server.search_password, "base": base,
                        "filter": "(&(objectClass=inetOrgPerson)(mail=%{user}))",
                        "auth": kind.partition("-")[2], "default_scheme": "PLAIN",
@@ -259,13 +238,6 @@ class AuthServer:
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
-
-
-def ini(store, cache=None):
-    lines = ["[store]"] + ["%s = %s" % (key, value.replace("\n", " ")) for key, value in store.items()]
-    if cache:
-        lines += ["[cache]"] + ["%s = %s" % item for item in cache.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import INVALID, PASSWORDS, PORTS, STORES, TEMPORARY, ini
+from support.auth_stores import INVALID, PASSWORDS, PORTS, STORES, TEMPORARY, ini
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 
@@ -127,7 +127,7 @@ def test_store_stopped_mid_run_then_back(kind, stores, start_auth, request):
             started = time.monotonic()
             reply = auth.ask(login, password)
             assert reply == {"Auth-Status": TEMPORARY, "Auth-Wait": "2"}, reply
-            assert time.monotonic() - started < 10  # bounded by the store's timeout (2 s here)
+            assert time.monotonic() - started < 20  # it gave up at all: 10x the store's timeout (2 s here)
         assert auth.process.poll() is None
     finally:
         server.start()
@@ -146,7 +146,7 @@ def test_directory_frozen_then_thawed(stores, start_auth, slapd):
     try:
         started = time.monotonic()
         assert auth.ask(ALICE, PASSWORDS[ALICE]) == {"Auth-Status": TEMPORARY, "Auth-Wait": "2"}
-        assert time.monotonic() - started < 15
+        assert time.monotonic() - started < 20  # it gave up at all: 10x the store's timeout (2 s here)
     finally:
         slapd.process.send_signal(signal.SIGCONT)
     _until(lambda: auth.ask(ALICE, PASSWORDS[ALICE])["Auth-Status"] == "OK", "the directory to answer again")
@@ -165,18 +165,17 @@ def test_sqlite_file_gone_is_a_temporary_failure(stores, start_auth):
 
 def test_cache_keeps_answers_for_the_ttl(stores, start_auth):
     options = stores.make("sqlite")
-    auth = start_auth(options, "--cache-ttl", "2", "--cache-negative-ttl", "2")
+    # Long enough for the two asks below on a busy machine; their answers say whether they were cached.
+    auth = start_auth(options, "--cache-ttl", "5", "--cache-negative-ttl", "5")
     assert auth.ask(ALICE, PASSWORDS[ALICE])["Auth-Status"] == "OK"
     assert auth.ask(ALICE, "new-password")["Auth-Status"] == INVALID
     with sqlite3.connect(stores.sqlite_path) as db:
         db.execute("UPDATE users SET password = '{PLAIN}new-password' WHERE userid = 'alice'")
     db.close()
-    changed = time.monotonic()
     # Both answers come from the cache until they expire; then the new password is the one taken.
     assert auth.ask(ALICE, PASSWORDS[ALICE])["Auth-Status"] == "OK"
     assert auth.ask(ALICE, "new-password")["Auth-Status"] == INVALID
-    assert time.monotonic() - changed < 2, "the machine was too slow for this TTL"
-    _until(lambda: auth.ask(ALICE, "new-password")["Auth-Status"] == "OK", "the cache to expire", 10)
+    _until(lambda: auth.ask(ALICE, "new-password")["Auth-Status"] == "OK", "the cache to expire", 20)
     assert auth.ask(ALICE, PASSWORDS[ALICE])["Auth-Status"] == INVALID
     # Failures served from the cache still count toward the lock-out.
     assert auth.log().count('result="invalid"') >= 2
@@ -214,7 +213,7 @@ def test_unknown_logins_take_as_long_as_known_ones(kind, stores, start_auth):
     # unknown logins are checked against a hash of her cost (many rounds, so the hash dominates). In
     # bind mode the directory checks the hash: unknown logins bind to the decoy entry instead, or
     # without one wait out the known binds' average time.
-    import crypt_helper
+    from support import crypt_helper
 
     def slow(password):
         setting = "$6$rounds=40000$" + crypt_helper._salt(16)
@@ -275,7 +274,7 @@ def test_statement_timeout_is_a_temporary_failure(kind, stores, start_auth):
     for _ in range(2):  # and the connection is usable again after the cancelled query
         started = time.monotonic()
         assert auth.ask(ALICE, PASSWORDS[ALICE]) == {"Auth-Status": TEMPORARY, "Auth-Wait": "2"}
-        assert time.monotonic() - started < 4
+        assert time.monotonic() - started < 10  # it gave up at all: 10x the statement timeout (1 s here)
     assert auth.process.poll() is None
 
 

@@ -5,17 +5,15 @@ password refused, and PostgreSQL stopped under a running proxy (issue 27)."""
 import imaplib
 import os
 import poplib
-import sys
 
 import pytest
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, TESTS)
 
-from backends import DOVECOT, MANAGESIEVE, Dovecot, require  # noqa: E402
-from conftest import PASSWORDS, STORES, TEMPORARY  # noqa: E402
-from crypt_helper import sha512_crypt  # noqa: E402
-from mailproxy_testing import free_port  # noqa: E402
+from support.auth_stores import PASSWORDS, STORES, TEMPORARY  # noqa: E402
+from support.backends import DOVECOT, MANAGESIEVE, Dovecot, require
+from support.crypt_helper import sha512_crypt
+from support.harness import free_port
 
 sievelib = pytest.importorskip("sievelib.managesieve")
 

@@ -5,10 +5,11 @@ import time
 
 import pytest
 
-from authserver import RecordingAuthServer
-from backends import USERS, dovecot  # noqa: F401
 from mailproxy.auth_http.cache import AuthCache
-from mailproxy_testing import free_port, mail_config
+
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.harness import free_port, mail_config
 
 TTL = 1.0
 

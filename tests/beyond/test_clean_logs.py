@@ -5,8 +5,8 @@ import socket
 
 import pytest
 
-from authserver import RecordingAuthServer
-from mailproxy_testing import free_port, mail_config
+from support.authserver import RecordingAuthServer
+from support.harness import free_port, mail_config
 
 LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\w+\] \d+#0: ")
 

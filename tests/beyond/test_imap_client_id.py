@@ -5,9 +5,9 @@ import socket
 
 import pytest
 
-from authserver import RecordingAuthServer
-from backends import USERS, dovecot, wait_for_log  # noqa: F401
-from mailproxy_testing import free_port, mail_config
+from support.authserver import RecordingAuthServer
+from support.backends import USERS, wait_for_log
+from support.harness import free_port, mail_config
 
 THUNDERBIRD = b'a ID ("name" "Thunderbird" "version" "115.0")\r\n'
 CLIENT_IP = "127.0.0.6"  # not the proxy's own address towards Dovecot

@@ -7,54 +7,10 @@ import threading
 
 import pytest
 
-from authserver import RecordingAuthServer
-from backends import USERS, postfix  # noqa: F401
-from mailproxy_testing import free_port, mail_config
-
-
-class RecordingSmtpBackend:
-    """A one-connection SMTP backend that offers AUTH PLAIN LOGIN and records every line."""
-
-    def __init__(self):
-        self.lines = []
-        self.done = threading.Event()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(4)
-        self.port = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.listener.close()
-        self.thread.join(10)
-
-    def _serve(self):
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        login_steps = []
-        with conn, conn.makefile("rb") as reader:
-            conn.sendall(b"220 backend.test ESMTP\r\n")
-            for line in reader:
-                self.lines.append(line)
-                verb = line[:4].upper()
-                if login_steps:
-                    conn.sendall(login_steps.pop(0))
-                elif verb in (b"EHLO", b"HELO"):
-                    conn.sendall(b"250-backend.test\r\n250 AUTH PLAIN LOGIN\r\n")
-                elif line.upper() == b"AUTH LOGIN\r\n":
-                    conn.sendall(b"334 VXNlcm5hbWU6\r\n")
-                    login_steps = [b"334 UGFzc3dvcmQ6\r\n", b"235 2.7.0 Authentication successful\r\n"]
-                elif verb == b"AUTH":
-                    conn.sendall(b"235 2.7.0 Authentication successful\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    break
-                else:
-                    conn.sendall(b"250 ok\r\n")
-        self.done.set()
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.harness import free_port, mail_config
+from support.servers import SmtpBackend
 
 
 def ok_reply(port, method=None):
@@ -96,7 +52,7 @@ LOGIN = [b"AUTH LOGIN\r\n", base64.b64encode(b"bob") + b"\r\n", base64.b64encode
 ])
 def test_backend_auth(edge, server, method, expected):
     ports, auth, master = edge
-    backend = RecordingSmtpBackend()
+    backend = SmtpBackend(ehlo=b"250-backend.test\r\n250 AUTH PLAIN LOGIN\r\n")
     auth.script.append(ok_reply(backend.port, method))
     try:
         with smtplib.SMTP("127.0.0.1", ports[server], timeout=20) as client:

@@ -6,10 +6,11 @@ import subprocess
 import pytest
 import trustme
 
-from authserver import RecordingAuthServer
 from mailproxy.conf.lexer import ConfigError
 from mailproxy.conf.load import load_config
-from mailproxy_testing import free_port, mail_config
+
+from support.authserver import RecordingAuthServer
+from support.harness import free_port, mail_config
 
 DOMAINS = {"default": "mail.default.test", "one": "mail.one.test", "wild": "*.two.test"}
 

@@ -15,9 +15,10 @@ import subprocess
 
 import pytest
 
-from mailproxy.tls import client as tls
 from mailproxy.conf import ConfigError, check, load_config
-from mailproxy_testing import missing
+from mailproxy.tls import client as tls
+
+from support.harness import missing
 
 CASES = os.path.join(os.path.dirname(__file__), "cases")
 NGINX = "/usr/sbin/nginx"

@@ -14,10 +14,10 @@ import subprocess
 
 import pytest
 
-from mailproxy_testing import missing
-
 from mailproxy.cli import probe_files
 from mailproxy.conf import check
+
+from support.harness import missing
 
 NGINX = "/usr/sbin/nginx"
 # Debian names the group "nogroup", others "nobody".

@@ -4,15 +4,12 @@ import hashlib
 import imaplib
 import os
 import socket
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import USERS, dovecot  # noqa: E402,F401
-from mailproxy_testing import free_port  # noqa: E402
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.harness import free_port, mail_config
 
 
 @pytest.fixture
@@ -21,18 +18,12 @@ def edge(dovecot, mailproxy_master):
         USERS, {"imap": ("127.0.0.1", dovecot.imap_port), "pop3": ("127.0.0.1", dovecot.pop3_port)}
     )
     port = free_port()
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 256; }
-mail {
-    auth_http %s;
-    timeout 10s;
+    config = mail_config(auth.url, """
     imap_auth plain login cram-md5;
     imap_capabilities IMAP4rev1 IDLE LITERAL+;
     server { listen 127.0.0.1:%d; protocol imap; }
 }
-""" % (auth.url, port)
+""" % port, timeout="10s")
     master = mailproxy_master(config, handler=None)
     edge = type("Edge", (), {})()
     edge.port, edge.auth, edge.master, edge.dovecot = port, auth, master, dovecot

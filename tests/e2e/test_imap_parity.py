@@ -1,6 +1,6 @@
 """Issue 5, done when: for the same client bytes mailproxy answers exactly what Debian's nginx answers.
 
-Debian's nginx 1.22 (tests/nginxref.py) and mailproxy run the same ``mail {}`` block, ask the same
+Debian's nginx 1.22 (tests/support/nginxref.py) and mailproxy run the same ``mail {}`` block, ask the same
 RecordingAuthServer and log in to the same private Dovecot. Every case plays the same client bytes
 against both and compares everything the client receives, step by step, up to the close. Where
 mailproxy deliberately answers otherwise (the spec's introduction, 9.10, 9.11, 9.13, the ``{0}``
@@ -16,23 +16,19 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import re
 import socket
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import nginxref  # noqa: E402
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import USERS, dovecot, require  # noqa: E402,F401
-from mailproxy_testing import MasterProcess, free_port, missing  # noqa: E402
+from support import nginxref
+from support.authserver import RecordingAuthServer
+from support.backends import USERS, require
+from support.harness import MasterProcess, free_port, missing
+from support.servers import TcpServer
 
 EOF = b"<EOF>"  # appended to a step's bytes when the server closed the connection
 QUIET = 0.1  # nginx answers loopback commands in well under a millisecond
@@ -169,22 +165,9 @@ def mask(received: bytes) -> bytes:
 # --- a backend that puts an untagged CAPABILITY before its LOGIN OK (Dovecot never does) --------------
 
 
-class CapabilityBackend:
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn):
-        with conn, conn.makefile("rb") as reader:
+class CapabilityBackend(TcpServer):
+    def serve_connection(self, conn):
+        with conn.makefile("rb") as reader:
             conn.sendall(b"* OK ready\r\n")
             tag = reader.readline().split(b" ")[0]  # <tag> LOGIN {n}
             conn.sendall(b"+ go\r\n")
@@ -194,9 +177,6 @@ class CapabilityBackend:
             conn.sendall(b"* CAPABILITY IMAP4rev1 X-FAKE\r\n%s OK logged in\r\n" % tag)
             line = reader.readline()
             conn.sendall(b"* BYE\r\n%s OK bye\r\n" % line.split(b" ")[0])
-
-    def close(self):
-        self.listener.close()
 
 
 # --- the cases ------------------------------------------------------------------------------------

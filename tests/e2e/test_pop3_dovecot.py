@@ -8,15 +8,12 @@ import poplib
 import re
 import socket
 import struct
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import USERS, dovecot  # noqa: E402,F401
-from mailproxy_testing import free_port  # noqa: E402
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.harness import free_port, mail_config
 
 SERVER_NAME = "pop.mailproxy.test"
 GREETING = re.compile(rb"\+OK POP3 ready (<\d+\.\d+@" + re.escape(SERVER_NAME.encode()) + rb">)\r\n")
@@ -27,19 +24,13 @@ ALICE = USERS["alice"].encode()
 def edge(dovecot, mailproxy_master):
     auth = RecordingAuthServer(USERS, {"pop3": ("127.0.0.1", dovecot.pop3_port)})
     port, passing_port = free_port(), free_port()
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 256; }
-mail {
+    config = mail_config(auth.url, """
     server_name %s;
-    auth_http %s;
-    timeout 10s;
     pop3_auth plain apop cram-md5;
     server { listen 127.0.0.1:%d; protocol pop3; }
     server { listen 127.0.0.1:%d; protocol pop3; proxy_pass_error_message on; }
 }
-""" % (SERVER_NAME, auth.url, port, passing_port)
+""" % (SERVER_NAME, port, passing_port))
     master = mailproxy_master(config, handler=None)
     edge = type("Edge", (), {})()
     edge.port, edge.passing_port, edge.auth, edge.master, edge.dovecot = port, passing_port, auth, master, dovecot

@@ -12,22 +12,18 @@ Where nginx 1.22 and the spec differ on purpose (spec intro, 9.13) the case is l
 import base64
 import hashlib
 import hmac
-import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import nginxref  # noqa: E402
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import USERS, dovecot  # noqa: E402,F401
-from mailproxy_testing import MasterProcess, free_port, missing  # noqa: E402
+from support import nginxref
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.harness import MasterProcess, free_port, missing
 
 SERVER_NAME = "mail.parity.test"
 SALT = re.compile(rb"<\d+\.\d+@" + re.escape(SERVER_NAME.encode()) + rb">")

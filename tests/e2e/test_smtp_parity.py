@@ -9,21 +9,17 @@ mailproxy bug.
 import base64
 import hashlib
 import hmac
-import os
 import re
 import socket
-import sys
-import threading
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import nginxref  # noqa: E402
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import USERS, postfix, wait_for_log  # noqa: E402,F401
-from mailproxy_testing import free_port, missing  # noqa: E402
+from support import nginxref
+from support.authserver import RecordingAuthServer
+from support.backends import USERS, wait_for_log
+from support.harness import free_port, missing
+from support.servers import SmtpBackend
 
 PLAIN_ALICE = base64.b64encode(b"\0alice\0" + USERS["alice"].encode())
 SERVERS = {
@@ -336,18 +332,20 @@ def test_backend_sees_the_same_login(both, case):
 
 
 def run_with_backends(both, server, steps, check_logs=True, ours_as_nginx=None, **backend_options):
-    """Each side against its own RecordingBackend: the lines each backend received."""
+    """Each side against its own SmtpBackend: the lines each backend received."""
     recorded = []
 
     def before():
-        backend = RecordingBackend(**backend_options).__enter__()
+        # The reply texts Postfix gives, so that both proxies pass the same ones on.
+        backend = SmtpBackend(ehlo=b"250-backend.test\r\n250 XCLIENT ADDR LOGIN NAME\r\n", helo=b"250 2.0.0 Ok\r\n",
+                              ok=b"250 2.0.0 Ok\r\n", bye=b"221 2.0.0 Bye\r\n", auth=None, **backend_options)
         recorded.append(backend)
         both.auth.backends["smtp"] = ("127.0.0.1", backend.port)
     try:
         results = both.run(server, steps, before=before)
     finally:
         for backend in recorded:
-            backend.__exit__()
+            backend.close()
     assert_same(results, logs=check_logs, ours_as_nginx=ours_as_nginx)
     return [backend.lines for backend in recorded]
 
@@ -355,7 +353,7 @@ def run_with_backends(both, server, steps, check_logs=True, ours_as_nginx=None, 
 @pytest.mark.parametrize("server", ["default", "passerr"])
 def test_backend_refusing_xclient(both, server):
     steps = [b"EHLO laptop.test\r\n", b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n"]
-    run_with_backends(both, server, steps, xclient_reply=b"550-5.7.0 no\r\n550 5.7.0 XCLIENT denied\r\n",
+    run_with_backends(both, server, steps, xclient=b"550-5.7.0 no\r\n550 5.7.0 XCLIENT denied\r\n",
                       ours_as_nginx=cut_at_escaped_crlf)
 
 
@@ -366,44 +364,3 @@ def test_login_needing_xtext_is_an_expected_difference(both):
     nginx_lines, our_lines = run_with_backends(both, "default", steps, check_logs=False)
     assert b"XCLIENT ADDR=127.0.0.1 LOGIN=a+b NAME=[UNAVAILABLE]\r\n" in nginx_lines
     assert b"XCLIENT ADDR=127.0.0.1 LOGIN=a+2Bb NAME=[UNAVAILABLE]\r\n" in our_lines
-
-
-class RecordingBackend:
-    """An SMTP backend that accepts every command and records the lines of its one connection."""
-
-    def __init__(self, xclient_reply=b"220 backend.test ESMTP\r\n"):
-        self.xclient_reply = xclient_reply
-        self.lines = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(4)
-        self.port = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.listener.close()
-        self.thread.join(10)
-
-    def _serve(self):
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        with conn, conn.makefile("rb") as reader:
-            conn.sendall(b"220 backend.test ESMTP\r\n")
-            for line in reader:
-                self.lines.append(line)
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    conn.sendall(b"250-backend.test\r\n250 XCLIENT ADDR LOGIN NAME\r\n")
-                elif verb == b"XCLI":
-                    conn.sendall(self.xclient_reply)
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 2.0.0 Bye\r\n")
-                    break
-                else:
-                    conn.sendall(b"250 2.0.0 Ok\r\n")

@@ -11,17 +11,14 @@ import os
 import smtplib
 import socket
 import subprocess
-import sys
-import threading
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import USERS, postfix, wait_for_log  # noqa: E402,F401
-from mailproxy_testing import free_port  # noqa: E402
+from support.authserver import RecordingAuthServer
+from support.backends import USERS, wait_for_log
+from support.harness import free_port, mail_config
+from support.servers import SmtpBackend
 
 BIG_LIMIT = 40 << 20
 SERVERS = ("auth", "relay", "delay", "passerr", "smtpauth")
@@ -47,13 +44,7 @@ def roomy_postfix(postfix):
 def edge(roomy_postfix, mailproxy_master):
     auth = RecordingAuthServer(USERS, {"smtp": ("127.0.0.1", roomy_postfix.smtp_port)})
     ports = {name: free_port() for name in SERVERS}
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 256; }
-mail {
-    auth_http %s;
-    timeout 20s;
+    config = mail_config(auth.url, """
     server_name mail.example.test;
     xclient on;
     server { listen 127.0.0.1:%d; protocol smtp; smtp_auth plain login cram-md5; }
@@ -62,7 +53,7 @@ mail {
     server { listen 127.0.0.1:%d; protocol smtp; proxy_pass_error_message on; }
     server { listen 127.0.0.1:%d; protocol smtp; xclient off; proxy_smtp_auth on; }
 }
-""" % ((auth.url,) + tuple(ports[name] for name in SERVERS))
+""" % tuple(ports[name] for name in SERVERS), timeout="20s")
     master = mailproxy_master(config, handler=None)
     edge = type("Edge", (), {})()
     edge.ports, edge.auth, edge.master, edge.postfix = ports, auth, master, roomy_postfix
@@ -264,7 +255,7 @@ def test_backend_down(edge):
 
 
 def test_backend_refusing_xclient_without_pass_error_message(edge):
-    with ScriptedBackend(xclient_reply=b"550 5.7.0 XCLIENT denied\r\n") as backend:
+    with SmtpBackend(xclient=b"550 5.7.0 XCLIENT denied\r\n") as backend:
         edge.auth.backends["smtp"] = ("127.0.0.1", backend.port)
         internal_error_after_login(edge)
     line = log_line(edge, 'upstream sent invalid response: "550 5.7.0 XCLIENT denied"')
@@ -272,7 +263,7 @@ def test_backend_refusing_xclient_without_pass_error_message(edge):
 
 
 def test_backend_refusing_xclient_with_pass_error_message(edge):
-    with ScriptedBackend(xclient_reply=b"550-5.7.0 XCLIENT denied\r\n550 5.7.0 go away\r\n") as backend:
+    with SmtpBackend(xclient=b"550-5.7.0 XCLIENT denied\r\n550 5.7.0 go away\r\n") as backend:
         edge.auth.backends["smtp"] = ("127.0.0.1", backend.port)
         client = Raw(edge.ports["passerr"])
         client.reply()
@@ -299,7 +290,7 @@ def test_postfix_proxy_port_refuses_xclient_client_gets_its_text(edge):
 
 
 def test_proxy_smtp_auth_sends_auth_plain(edge):
-    with ScriptedBackend() as backend:
+    with SmtpBackend(xclient=b"220 ok\r\n") as backend:
         edge.auth.backends["smtp"] = ("127.0.0.1", backend.port)
         with smtp(edge, "smtpauth") as client:
             assert client.login("bob", USERS["bob"])[0] == 235
@@ -346,51 +337,3 @@ def test_client_hangs_up_at_every_step(edge):
     with smtp(edge) as client:
         assert client.login("alice", USERS["alice"])[0] == 235
     assert len(edge.master.workers()) == 1
-
-
-# -- a scripted backend for what Postfix cannot be made to do ---------------------------------------
-
-
-class ScriptedBackend:
-    """A one-connection SMTP backend on a real socket that records each line it receives."""
-
-    def __init__(self, xclient_reply=b"220 ok\r\n"):
-        self.xclient_reply = xclient_reply
-        self.lines = []
-        self.done = threading.Event()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(4)
-        self.port = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.listener.close()
-        self.thread.join(10)
-
-    def _serve(self):
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        with conn, conn.makefile("rb") as reader:
-            conn.sendall(b"220 backend.test ESMTP\r\n")
-            for line in reader:
-                self.lines.append(line)
-                verb = line[:4].upper()
-                if verb in (b"EHLO", b"HELO"):
-                    conn.sendall(b"250-backend.test\r\n250 AUTH PLAIN\r\n")
-                elif verb == b"XCLI":
-                    conn.sendall(self.xclient_reply)
-                elif verb == b"AUTH":
-                    conn.sendall(b"235 2.7.0 Authentication successful\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    break
-                else:
-                    conn.sendall(b"250 ok\r\n")
-        self.done.set()

@@ -4,35 +4,20 @@ including the client that realip took from a balancer's header."""
 
 import base64
 import os
-import sys
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import USERS, dovecot, postfix, wait_for_log  # noqa: E402,F401
-from edgekit import connect, imap_command, imap_login, read_until  # noqa: E402
-from mailproxy_testing import free_port  # noqa: E402
-
-CONFIG = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 20s;
-    server_name mail.example.test;
-%s
-}
-"""
+from support.authserver import RecordingAuthServer
+from support.backends import USERS, wait_for_log
+from support.edgekit import connect, imap_command, imap_login, read_until
+from support.harness import free_port, mail_config
 
 
 def start(mailproxy_master, auth, servers):
-    master = mailproxy_master(CONFIG % (auth.url, servers), handler=None)
-    return master
+    body = "    server_name mail.example.test;\n%s\n}\n" % servers
+    return mailproxy_master(mail_config(auth.url, body, timeout="20s"), handler=None)
 
 
 @pytest.fixture

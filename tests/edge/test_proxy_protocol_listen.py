@@ -5,20 +5,18 @@ import os
 import shutil
 import socket
 import struct
-import sys
 import tempfile
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import USERS, dovecot  # noqa: E402,F401
-from edgekit import connect, imap_command, imap_login, read_tagged, read_to_close, read_until  # noqa: E402
 from mailproxy.proxy_protocol import V2_SIGNATURE  # noqa: E402
-from mailproxy_testing import free_port  # noqa: E402
+
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.edgekit import connect, imap_command, imap_login, read_tagged, read_to_close, read_until
+from support.harness import free_port, mail_config
 
 NAMES = ("trusted", "untrusted", "unset", "short", "pop3")
 
@@ -35,7 +33,7 @@ def v2_tcp6(src, sport, dst, dport):
 
 @pytest.fixture(scope="module")
 def edge(dovecot, tmp_path_factory):
-    import mailproxy_testing
+    from support import harness
 
     auth = RecordingAuthServer(
         USERS, {"imap": ("127.0.0.1", dovecot.imap_port), "pop3": ("127.0.0.1", dovecot.pop3_port)}
@@ -43,13 +41,7 @@ def edge(dovecot, tmp_path_factory):
     ports = {name: free_port() for name in NAMES}
     unix_dir = tempfile.mkdtemp(prefix="mpe")
     unix_path = os.path.join(unix_dir, "imap.sock")
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 256; }
-mail {
-    auth_http %s;
-    timeout 10s;
+    config = mail_config(auth.url, """
     server { listen 127.0.0.1:%d proxy_protocol; protocol imap; set_real_ip_from 127.0.0.0/8; }
     server { listen 127.0.0.1:%d proxy_protocol; protocol imap;
              set_real_ip_from 10.0.0.0/8; set_real_ip_from 127.0.0.1; }
@@ -58,9 +50,9 @@ mail {
     server { listen 127.0.0.1:%d proxy_protocol; protocol pop3; set_real_ip_from 127.0.0.0/8; }
     server { listen unix:%s proxy_protocol; protocol imap; set_real_ip_from unix:; }
 }
-""" % ((auth.url,) + tuple(ports[name] for name in NAMES) + (unix_path,))
+""" % (tuple(ports[name] for name in NAMES) + (unix_path,)), timeout="10s")
     # The module shares one master; the function-scoped factory cannot be used from here.
-    master = mailproxy_testing.MasterProcess(str(tmp_path_factory.mktemp("mp")), config, None, None)
+    master = harness.MasterProcess(str(tmp_path_factory.mktemp("mp")), config, None, None)
     master.start()
     edge = type("Edge", (), {})()
     edge.ports, edge.auth, edge.master, edge.unix_path = ports, auth, master, unix_path

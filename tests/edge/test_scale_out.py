@@ -4,21 +4,18 @@ through; sessions already logged in on it must live on, and the auth server must
 really was, not as the balancer."""
 
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import DOVECOT, Dovecot, require, wait_for_log  # noqa: E402
-from edgekit import connect, imap_command, read_until  # noqa: E402
-from lbkit import HAPROXY, Haproxy  # noqa: E402
-from mailproxy_testing import free_port, wait_for  # noqa: E402
+from support.authserver import RecordingAuthServer
+from support.backends import DOVECOT, Dovecot, require, wait_for_log
+from support.edgekit import connect, imap_command, read_until
+from support.harness import free_port, wait_for
+from support.lbkit import HAPROXY, Haproxy
 
 SESSIONS = 1000
 HELD = 20

@@ -7,19 +7,21 @@ back that user's login and password (spec 9.7). Expected bytes are freenginx's (
 
 import base64
 import imaplib
-import os
 import smtplib
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from backends import USERS, dovecot, postfix  # noqa: E402,F401
-from oauthkit import (  # noqa: E402
-    BEARER_ERROR, AuthProcess, IntrospectionEndpoint, Wire, free_port, issue, oauthbearer, require_curl,
+from support.backends import USERS
+from support.oauthkit import (
+    BEARER_ERROR,
+    AuthProcess,
+    IntrospectionEndpoint,
+    Wire,
+    free_port,
+    issue,
+    oauthbearer,
+    require_curl,
     xoauth2,
 )
 

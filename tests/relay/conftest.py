@@ -19,8 +19,9 @@ import threading
 
 import pytest
 
+from support.servers import TcpServer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROXYPROC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proxyproc.py")
 WAIT = 60.0  # upper bound for any single readiness wait; tests fail rather than hang
 # How a session ends when a peer resets mid-stream; which side notices first is the kernel's choice.
 RESET_ENDS = ("recv() failed (104: Connection reset by peer)", "send() failed (104: Connection reset by peer)",
@@ -114,51 +115,31 @@ def half_close(sock):
     return sock
 
 
-class Backend:
-    """A listening socket; each connection runs `handler(sock)` in a thread, results go to .results."""
+class Backend(TcpServer):
+    """Each connection runs `handler(sock)` in a thread; its result (or the OSError it met) goes to .results."""
+
+    backlog = 1024
 
     def __init__(self, handler):
         self.handler = handler
         self.results = queue.Queue()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1024)
+        super().__init__()
         self.addr = self.listener.getsockname()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn):
-        with conn:
-            try:
-                self.results.put(self.handler(conn))
-            except OSError as exc:
-                self.results.put(exc)
+    def serve_connection(self, conn):
+        try:
+            self.results.put(self.handler(conn))
+        except OSError as exc:
+            self.results.put(exc)
 
     def result(self):
         return self.results.get(timeout=WAIT)
-
-    def close(self):
-        # shutdown() wakes the thread blocked in accept(); close() alone would not.
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # not connected is the normal case for a listener on some kernels
-        self.listener.close()
-        self.thread.join(WAIT)
 
 
 class Proxy:
     def __init__(self, mode, backend_addr, certs=None, **conf):
         conf["backend"] = list(backend_addr)
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
         env.pop("MAILPROXY_NO_SPLICE", None)
         if mode == "copy":
             env["MAILPROXY_NO_SPLICE"] = "1"
@@ -170,7 +151,7 @@ class Proxy:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(conf, f)
         self.conf_path = f.name
-        self.proc = subprocess.Popen([sys.executable, PROXYPROC, self.conf_path], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "support.proxyproc", self.conf_path], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, cwd=ROOT)
         self.lines = queue.Queue()
         self.reader = threading.Thread(target=self._read, daemon=True)

@@ -11,8 +11,8 @@ import pytest
 from gevent import socket
 
 from mailproxy import relay
-from mailproxy_testing import missing
 
+from support.harness import missing
 
 
 @pytest.fixture(autouse=True)

@@ -148,20 +148,23 @@ def test_backend_traffic_does_not_extend_proxy_timeout(make_proxy, mode):
     assert backend.result() >= 1
     reason, c2b, b2c = proxy.closed()
     assert reason == "timed out" and b2c == received > 0
-    assert 0.35 <= elapsed < 2.0
+    # Not before proxy_timeout; the upper bound only says it fired at all (10x, for a busy machine).
+    assert 0.35 <= elapsed < 4.0
 
 
 def test_client_traffic_extends_proxy_timeout(make_proxy, mode):
-    proxy, backend = make_proxy(mode, drain, proxy_timeout=0.4)
+    # A byte every 0.05 s, a tenth of the timeout, for 0.6 s, longer than the timeout: every byte is relayed
+    # only if each one restarted it; then the session times out a whole proxy_timeout after the last.
+    proxy, backend = make_proxy(mode, drain, proxy_timeout=0.5)
     with proxy.connect() as client:
-        t0 = time.monotonic()
-        for _ in range(8):
-            time.sleep(0.1)  # pacing the client: each byte must land inside the timeout window
+        for _ in range(12):
+            time.sleep(0.05)  # pacing the client, not synchronising with it
             client.sendall(b".")
+        last = time.monotonic()
         assert drain(client)[0] == 0
-        elapsed = time.monotonic() - t0
-    assert proxy.closed() == ("timed out", 8, 0)
-    assert elapsed >= 0.8 + 0.35
+        after_last = time.monotonic() - last
+    assert proxy.closed() == ("timed out", 12, 0)
+    assert after_last >= 0.45
 
 
 def test_close_now_is_the_shutdown_timeout(make_proxy, mode):

@@ -4,13 +4,9 @@ import time
 
 import pytest
 
+from support.procstate import Watch
+
 from .conftest import RESET_ENDS, drain, send_payload
-
-
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime in clock ticks (USER_HZ 100)
 
 
 def test_slow_reader_under_fast_writer(make_proxy, mode):
@@ -20,7 +16,8 @@ def test_slow_reader_under_fast_writer(make_proxy, mode):
     with proxy.connect() as client:
         got = 0
         samples = []
-        cpu = []
+        reads = 0
+        watch = None
         for second in range(4):
             t_end = time.monotonic() + 1.0
             while time.monotonic() < t_end:
@@ -28,13 +25,20 @@ def test_slow_reader_under_fast_writer(make_proxy, mode):
                 assert data
                 got += len(data)
                 time.sleep(0.1)  # pacing the reader at ~10 KiB/s, not synchronising
+                if watch is not None:
+                    reads += 1
+                    watch.sample()  # a tenth of a second after the last read: nothing left to do
             samples.append(proxy.rss())
-            cpu.append(cpu_seconds(proxy.pid))
+            if watch is None:
+                watch = Watch(proxy.pid)  # the first second fills the buffers; from here on it waits
     assert got >= 30 * 1024
     # The first second fills every buffer on the path; from then on nothing may grow.
     growth_kib = max(samples[1:]) - samples[1]
     assert growth_kib < 512, samples
-    assert cpu[-1] - cpu[1] < 0.2, cpu  # parked on watchers, not polling
+    # Parked on watchers, not spinning (asleep whenever looked at) nor polling (a wakeup or two per read
+    # of the client's and per RSS question, not hundreds a second).
+    assert watch.asleep_share() >= 0.5, watch.samples
+    assert watch.wakeups() < 2 * reads + 10, (watch.wakeups(), reads)
     reason, c2b, b2c = proxy.closed()
     # The client closes with unread bytes, which is a reset.
     assert reason == "client closed" or reason in RESET_ENDS, reason

@@ -18,11 +18,10 @@ import time
 import pytest
 
 from mailproxy import relay
-from mailproxy_testing import missing
 
 from .conftest import ROOT, WAIT, Backend, drain, duplex, half_close, send_payload
+from support.harness import missing
 
-TLSPROC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tlsproc.py")
 SIDES = ["client", "backend", "both"]
 BAD_RECORD = "SSL_read() failed (SSL: decryption failed or bad record mac)"
 
@@ -35,7 +34,7 @@ def tls_pump_in_use():
 
 
 class TlsProxy:
-    """tlsproc.py in its own process: `side` says which connections speak TLS."""
+    """support/tlsproc.py in its own process: `side` says which connections speak TLS."""
 
     def __init__(self, side, backend_addr, certs, engine="pump", **conf):
         conf["backend"] = list(backend_addr)
@@ -43,7 +42,7 @@ class TlsProxy:
             conf["client_tls"] = {"cert": certs.cert, "key": certs.key}
         if side in ("backend", "both"):
             conf["backend_tls"] = {"ca": certs.ca_file}
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
         env.pop("MAILPROXY_TLS_PUMP", None)
         if engine == "copy":
             env["MAILPROXY_TLS_PUMP"] = "off"
@@ -51,7 +50,7 @@ class TlsProxy:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(conf, f)
         self.conf_path = f.name
-        self.proc = subprocess.Popen([sys.executable, TLSPROC, self.conf_path], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "support.tlsproc", self.conf_path], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, cwd=ROOT)
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -403,19 +402,15 @@ def test_corrupted_record_from_the_backend(tls_proxy, tls_certs, side, engine):
 # -- memory ----------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.mark.parametrize("side", SIDES)
 def test_slow_reader_under_fast_writer(tls_proxy, side):
     """The backend could send 256 MiB at once; the client takes ~10 KiB/s. The proxy holds at most one
     read per direction (proxy_buffer), so its RSS stays flat, and it waits on watchers, not polling."""
+    from support.procstate import Watch
+
     proxy, backend = tls_proxy(side, lambda sock: send_payload(sock, 256 << 20, seed=3), proxy_buffer=16384)
     with proxy.connect() as client:
-        got, samples, cpu = 0, [], []
+        got, samples, reads, watch = 0, [], 0, None
         for second in range(4):
             t_end = time.monotonic() + 1.0
             while time.monotonic() < t_end:
@@ -423,11 +418,18 @@ def test_slow_reader_under_fast_writer(tls_proxy, side):
                 assert data
                 got += len(data)
                 time.sleep(0.1)  # pacing the reader at ~10 KiB/s, not synchronising
+                if watch is not None:
+                    reads += 1
+                    watch.sample()  # a tenth of a second after the last read: nothing left to do
             samples.append(int(proxy.ask("rss")))
-            cpu.append(cpu_seconds(proxy.proc.pid))
+            if watch is None:
+                watch = Watch(proxy.proc.pid)  # the first second fills the buffers; from here on it waits
     assert got >= 30 * 1024
     assert max(samples[1:]) - samples[1] < 512, samples
-    assert cpu[-1] - cpu[1] < 0.2, cpu
+    # Parked on watchers: asleep whenever looked at (not spinning), a wakeup or two per read of the
+    # client's and per RSS question (not polling).
+    assert watch.asleep_share() >= 0.5, watch.samples
+    assert watch.wakeups() < 2 * reads + 10, (watch.wakeups(), reads)
     reason, c2b, b2c = proxy.closed()
     assert b2c >= got
     assert isinstance(backend.result(), OSError)  # its send broke when the session ended

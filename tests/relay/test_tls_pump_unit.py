@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from mailproxy import relay
-from mailproxy_testing import missing
 from mailproxy.events import failed_call
 
+from support.harness import missing
 
 
 @pytest.fixture(autouse=True)

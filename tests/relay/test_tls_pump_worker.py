@@ -7,17 +7,14 @@ import sys
 
 import pytest
 
-from authserver import RecordingAuthServer
-from backends import USERS
-from mailproxy import relay
-from mailproxy_testing import free_port, missing
-
-from .conftest import ROOT, WAIT
-from .test_tls_pump import BAD_RECORD, HandTls, corrupt
-
-sys.path.insert(0, ROOT)
 from bench import engines  # noqa: E402  (the bench's IMAP backend, started and stopped by pid)
+from mailproxy import relay
 
+from .conftest import WAIT
+from .test_tls_pump import BAD_RECORD, HandTls, corrupt
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.harness import free_port, mail_config, missing
 
 
 @pytest.fixture(autouse=True)
@@ -52,16 +49,10 @@ def test_corrupted_record_is_logged_and_the_worker_lives(mailproxy_master, certs
     certs.ca.cert_pem.write_to_path(ca_file)
     auth = RecordingAuthServer(USERS, {"imap": ("127.0.0.1", imap_backend)})
     port = free_port()
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 20s;
+    config = mail_config(auth.url, """
     server { listen 127.0.0.1:%d ssl; protocol imap; ssl_certificate %s; ssl_certificate_key %s; }
 }
-""" % (auth.url, port, certs.cert, certs.key)
+""" % (port, certs.cert, certs.key), timeout="20s")
     env = {"MAILPROXY_TLS_PUMP": "off"} if engine == "copy" else {}
     try:
         master = mailproxy_master(config, handler=None, env=env)

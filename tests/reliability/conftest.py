@@ -1,14 +1,9 @@
 """`edge(...)`: a mailproxy with IMAP, POP3 and SMTP servers, a RecordingAuthServer and fake backends
-(peers.py); torn down by pid through `mailproxy_master`, with the log checked for alerts."""
-
-import os
-import sys
+(support/peers.py); torn down by pid through `mailproxy_master`, with the log checked for alerts."""
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from peers import Edge  # noqa: E402
+from support.peers import Edge
 
 
 @pytest.fixture

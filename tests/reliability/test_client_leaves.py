@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from authserver import RecordingAuthServer
-from mailproxy_testing import free_port
+from support.authserver import RecordingAuthServer
+from support.harness import free_port, mail_config
 
 WAIT = b"HTTP/1.0 200 OK\r\nAuth-Status: WAIT\r\nAuth-Wait: 2\r\n\r\n"
 FAIL_WAIT = b"HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\nAuth-Wait: 3\r\n\r\n"
@@ -24,17 +24,11 @@ def edge(mailproxy_master):
     backend_address = backend.getsockname()
     auth = RecordingAuthServer({"alice": "secret"}, {name: backend_address for name in LOGINS})
     ports = {name: free_port() for name in LOGINS}
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 30s;
+    config = mail_config(auth.url, """
 %s}
-""" % (auth.url, "".join("    server { listen 127.0.0.1:%d; protocol %s; %s}\n"
+""" % ("".join("    server { listen 127.0.0.1:%d; protocol %s; %s}\n"
                          % (ports[name], name, "smtp_auth plain; " if name == "smtp" else "")
-                         for name in LOGINS))
+                         for name in LOGINS)), timeout="30s")
     master = mailproxy_master(config, handler=None)
     yield ports, auth, backend, master
     auth.close()

@@ -12,8 +12,8 @@ import struct
 
 import pytest
 
-from peers import read_line, read_reply, worker_fds
-from mailproxy_testing import wait_for
+from support.harness import wait_for
+from support.peers import read_line, read_reply, worker_fds
 
 
 def b64(data):

@@ -11,8 +11,8 @@ import socket
 import threading
 import time
 
-from peers import Bystander, FakeBackend, cpu_ticks, login, read_line, read_until_close, worker_fds
-from mailproxy_testing import free_port, wait_for, wait_pid_exit
+from support.harness import free_port, wait_for, wait_pid_exit
+from support.peers import Bystander, FakeBackend, login, read_line, read_until_close
 
 INTERNAL = {"imap": b"* BAD internal server error\r\n", "pop3": b"-ERR internal server error\r\n",
             "smtp": b"451 4.3.2 Internal server error\r\n"}
@@ -43,7 +43,9 @@ def test_auth_server_hanging_past_auth_http_timeout(edge):
         others = bystanders(e, ("pop3", "smtp"))
         started = time.monotonic()
         assert login(e, "imap") == INTERNAL["imap"]
-        assert 0.9 < time.monotonic() - started < 2.5  # auth_http_timeout 1s, not the 3s `timeout`
+        # Not before auth_http_timeout 1s; the log line says that timer fired, not the 3s `timeout`; the
+        # upper bound only says it fired at all (10x, for a busy machine).
+        assert 0.9 < time.monotonic() - started < 10
         e.master.wait_log("auth http server 127.0.0.1:%d timed out (110: Connection timed out)"
                           % mute.getsockname()[1])
         for one in others:
@@ -87,19 +89,29 @@ def test_backend_faults(edge):
             e.set_backend(protocol, FakeBackend(protocol, mode))
             assert login(e, protocol) == INTERNAL[protocol]
             assert logged in e.master.error_log()
-    # A backend that never greets: the three logins wait out `timeout 3s` together.
+    # A backend that never greets: the three logins wait out `timeout 3s` together. When the first of them
+    # is answered, all three backends hold a connection: none waited for another's timeout.
     results = {}
     threads = []
-    for protocol in ("imap", "pop3", "smtp"):
-        e.set_backend(protocol, FakeBackend(protocol, "silent"))
-        threads.append(threading.Thread(target=lambda p=protocol: results.__setitem__(p, login(e, p))))
+    silent = [FakeBackend(protocol, "silent") for protocol in ("imap", "pop3", "smtp")]
+    connected_at_first_answer = []
+
+    def one_login(protocol):
+        reply = login(e, protocol)
+        connected_at_first_answer.append(sum(backend.accepted for backend in silent))
+        results[protocol] = reply
+
+    for backend in silent:
+        e.set_backend(backend.protocol, backend)
+        threads.append(threading.Thread(target=one_login, args=(backend.protocol,)))
     started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(15)
     assert results == INTERNAL
-    assert 2.5 < time.monotonic() - started < 8
+    assert time.monotonic() - started > 2.5  # not before `timeout 3s`
+    assert connected_at_first_answer[0] == 3, connected_at_first_answer
     assert e.master.error_log().count("upstream timed out (110: Connection timed out) while reading response "
                                       "from upstream") == 3
     for one in others:
@@ -133,8 +145,10 @@ def test_slowloris_bounded_by_timeout(edge):
                 closed_after[conn] = time.monotonic() - started
                 conn.close()
                 del slow[conn]
+    # Ended within the loop's 12 s (4x `timeout 3s`), each byte inside an idle timer's reach: the bytes
+    # did not extend it. Not before `timeout` either.
     assert not slow, "a slowloris client outlived timeout"
-    assert all(2.5 < t < 5 for t in closed_after.values()), closed_after
+    assert all(t > 2.5 for t in closed_after.values()), closed_after
     assert e.master.error_log().count("client timed out (110: Connection timed out) while in auth state") >= 3
     for one in others:
         one.finish()

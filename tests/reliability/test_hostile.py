@@ -6,11 +6,10 @@ tests: tests/tls/test_tls_e2e.py::test_starttls_injection_never_runs_buffered_co
 
 import base64
 import re
-import socket
 
 import pytest
 
-from peers import login, read_line, read_reply, read_until_close, worker_rss_kib
+from support.peers import login, read_line, read_reply, read_until_close, worker_rss_kib
 
 HEADER = re.compile(rb"^[A-Za-z][A-Za-z-]*: [^\r\n]*$")
 OK_REPLY = "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: %d\r\n\r\n"

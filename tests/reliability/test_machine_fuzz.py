@@ -7,7 +7,6 @@ STARTTLS); after Close the machine is silent. HYPOTHESIS_EXAMPLES raises the exa
 """
 
 import base64
-import os
 
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -18,9 +17,8 @@ from mailproxy.protocol.imap import ImapConfig, ImapMachine
 from mailproxy.protocol.pop3 import Pop3Config, Pop3Machine
 from mailproxy.protocol.smtp import SmtpConfig, SmtpMachine
 
-EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "60"))
-SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=30, deadline=None,
-                    suppress_health_check=list(HealthCheck))
+# The example count is the suite's profile (tests/conftest.py, HYPOTHESIS_EXAMPLES); only the run length is ours.
+SETTINGS = settings(stateful_step_count=30, suppress_health_check=list(HealthCheck))
 ACTIONS = (Send, Close, Log, Authenticate, StartTLS)
 ALL = ("plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer")
 SALT = b"<1.2@mx.example.test>\r\n"

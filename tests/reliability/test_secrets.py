@@ -6,7 +6,7 @@ import base64
 import hashlib
 import urllib.parse
 
-from peers import FakeBackend, read_line, read_reply, read_until_close
+from support.peers import FakeBackend, read_line, read_reply
 
 
 def forms(secret):

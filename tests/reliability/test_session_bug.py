@@ -28,7 +28,7 @@ def session_with_a_bug(sock, peer, listen, server, worker):
 
 def test_bug_is_an_alert_with_traceback_and_the_worker_lives(mailproxy_master):
     # Imported here: the worker imports this module for its handler, without the tests' path hook.
-    from mailproxy_testing import free_port
+    from support.harness import free_port
 
     port = free_port()
     master = mailproxy_master("""

@@ -1,13 +1,8 @@
-"""The scriptable DNS server for the resolver tests (dnsserver.py), one per test."""
-
-import os
-import sys
+"""The scriptable DNS server for the resolver tests (support/dnsserver.py), one per test."""
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from dnsserver import DnsServer  # noqa: E402
+from support.dnsserver import DnsServer
 
 
 @pytest.fixture

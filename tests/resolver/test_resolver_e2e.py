@@ -6,49 +6,33 @@ from different 127.0.0.0/8 source addresses, so each test case has a PTR of its 
 
 import os
 import socket
-import threading
 import time
 
 import dns.rcode
 import pytest
 
-from authserver import RecordingAuthServer
-from mailproxy_testing import free_port, read_line
+from support.authserver import RecordingAuthServer
+from support.harness import free_port, mail_config, read_line
+from support.servers import TcpServer
 
 NAME = "mx.example.test"
 SMTP_USERS = {"alice": "secret"}
 
 
-class XclientBackend:
+class XclientBackend(TcpServer):
     """Just enough of an SMTP server to accept mailproxy's login and record its XCLIENT line."""
 
     def __init__(self):
         self.lines = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
     def xclients(self):
         return [line for line in self.lines if line.startswith(b"XCLIENT ")]
 
-    def close(self):
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self.thread.join(5)
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn):
+    def serve_connection(self, conn):
         replies = {b"EHLO": b"250 backend\r\n", b"HELO": b"250 backend\r\n", b"XCLIENT": b"220 backend\r\n",
                    b"MAIL": b"250 2.1.0 Ok\r\n", b"RCPT": b"250 2.1.5 Ok\r\n", b"QUIT": b"221 Bye\r\n"}
-        with conn, conn.makefile("rb") as reader:
+        with conn.makefile("rb") as reader:
             conn.sendall(b"220 backend ESMTP\r\n")
             for line in reader:
                 line = line.rstrip(b"\r\n")
@@ -60,28 +44,23 @@ class XclientBackend:
 
 
 @pytest.fixture
-def edge(dns_server, mailproxy_master, tmp_path):
+def edge(dns_server, mailproxy_master, tmp_path, request):
     backend = XclientBackend()
     auth = RecordingAuthServer(SMTP_USERS, {"smtp": ("127.0.0.1", backend.port)})
     edge = type("Edge", (), {})()
     edge.dns, edge.auth, edge.backend = dns_server, auth, backend
     edge.smtp, edge.off, edge.imap, edge.pop3 = (free_port() for _ in range(4))
     edge.unix = os.path.join(str(tmp_path), "smtp.sock")
-    resolver = "resolver %s; resolver_timeout 1s;" % dns_server.address
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 256; }
-mail {
-    auth_http %s;
-    timeout 10s;
+    # resolver_timeout 1s unless a test asks for another (indirect parametrization of this fixture).
+    resolver = "resolver %s; resolver_timeout %s;" % (dns_server.address, getattr(request, "param", "1s"))
+    config = mail_config(auth.url, """
     smtp_auth none;
     server { listen 127.0.0.1:%d; listen unix:%s; protocol smtp; %s }
     server { listen 127.0.0.1:%d; protocol smtp; }
     server { listen 127.0.0.1:%d; protocol imap; %s }
     server { listen 127.0.0.1:%d; protocol pop3; %s }
 }
-""" % (auth.url, edge.smtp, edge.unix, resolver, edge.off, edge.imap, resolver, edge.pop3, resolver)
+""" % (edge.smtp, edge.unix, resolver, edge.off, edge.imap, resolver, edge.pop3, resolver), timeout="10s")
     edge.master = mailproxy_master(config, handler=None)
     yield edge
     auth.close()
@@ -148,7 +127,7 @@ def test_ptr_timeout(edge):
     edge.dns.silent("4.0.0.127.in-addr.arpa", "PTR")
     started = time.monotonic()
     assert client_host(edge, "127.0.0.4") == b"[TEMPUNAVAIL]"
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10  # it fired at all: 10x resolver_timeout
     assert "127.0.0.4 could not be resolved (110: Operation timed out)" + suffix(
         edge, "in resolving client address", "127.0.0.4") in edge.master.error_log()
 
@@ -211,8 +190,11 @@ def test_imap_and_pop3_never_look_up_nor_send_client_host(edge):
     assert edge.dns.queries == []
 
 
+@pytest.mark.parametrize("edge", ["10s"], indirect=True)
 def test_slow_ptr_delays_only_its_own_greeting(edge):
-    edge.dns.ptr("127.0.0.9", "slow.example.test", delay=2.0)
+    # The slow answer comes at 3 s, inside resolver_timeout 10s: the 50 other clients are all greeted while
+    # it is still pending, and the slow client after it.
+    edge.dns.ptr("127.0.0.9", "slow.example.test", delay=3.0)
     for i in range(1, 51):
         edge.dns.ptr("127.0.1.%d" % i, "h%d.example.test" % i)
     slow = socket.socket()
@@ -221,7 +203,6 @@ def test_slow_ptr_delays_only_its_own_greeting(edge):
     slow.connect(("127.0.0.1", edge.smtp))
     with slow:
         edge.dns.wait_query("9.0.0.127.in-addr.arpa", "PTR")  # the slow lookup is in flight
-        started = time.monotonic()
         clients = []
         for i in range(1, 51):
             conn = socket.socket()
@@ -232,7 +213,6 @@ def test_slow_ptr_delays_only_its_own_greeting(edge):
         for conn in clients:
             assert read_line(conn).startswith(b"220 ")
             conn.close()
-        assert time.monotonic() - started < 1.5
         slow.setblocking(False)
         with pytest.raises(BlockingIOError):
             slow.recv(1)  # still waiting for its PTR

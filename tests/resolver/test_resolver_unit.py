@@ -87,14 +87,17 @@ def test_ptr_timeout_is_bounded_by_resolver_timeout(dns_server, rule):
     elapsed = time.monotonic() - started
     assert (host, logs) == (
         TEMPUNAVAIL, [(ADDRESS_ACTION, "error", "127.0.0.1 could not be resolved (110: Operation timed out)")])
-    assert 0.4 <= elapsed < 1.5
+    # Not before resolver_timeout; the upper bound only says it fired at all (10x, for a busy machine).
+    assert 0.4 <= elapsed < 4.0
 
 
 def test_slow_answer_past_the_timeout(dns_server):
-    dns_server.ptr("127.0.0.1", NAME, delay=1.0)
+    # The answer would come at 3 s, ten times the timeout: the lookup gave up without it (TEMPUNAVAIL, not
+    # the name) and did not wait for it.
+    dns_server.ptr("127.0.0.1", NAME, delay=3.0)
     started = time.monotonic()
     assert lookup(make(dns_server, timeout=0.3))[0] == TEMPUNAVAIL
-    assert time.monotonic() - started < 0.9
+    assert time.monotonic() - started < 3.0
 
 
 @pytest.mark.parametrize("name", ["bad_name.test", "two words.test", "", "caf\xe9.test"])
@@ -302,15 +305,13 @@ def test_silent_server_falls_over_to_the_next(dns_server, second_dns_server):
     dns_server.silent("1.0.0.127.in-addr.arpa", "PTR")
     second_dns_server.ptr("127.0.0.1", NAME)
     resolver = res.Resolver([dns_server.address, second_dns_server.address], 1.0)
-    started = time.monotonic()
     assert resolver.resolve_address("127.0.0.1") == (0, NAME)
-    assert resolver.resolve_address("127.0.0.1") == (0, NAME)  # cached: no second wait
-    assert time.monotonic() - started < 0.9
-    assert len(dns_server.queries) == 1
+    assert resolver.resolve_address("127.0.0.1") == (0, NAME)  # cached: nobody is asked again
+    assert len(dns_server.queries) == 1 and len(second_dns_server.queries) == 1
 
 
 def test_dead_server_falls_over_to_the_next(dns_server):
-    from mailproxy_testing import free_port
+    from support.harness import free_port
 
     dns_server.ptr("127.0.0.1", NAME)
     dead = "127.0.0.1:%d" % free_port()
@@ -330,17 +331,21 @@ def test_late_answer_from_the_first_server_counts(dns_server, second_dns_server)
 
 
 def test_slow_lookup_does_not_block_others(dns_server):
-    dns_server.ptr("127.0.0.200", "slow.example.test", delay=2.0)
+    # The slow answer comes at 3 s; the 50 others are all done while it is still pending.
+    dns_server.ptr("127.0.0.200", "slow.example.test", delay=3.0)
     dns_server.a("slow.example.test", "127.0.0.200")
     for i in range(1, 51):
         dns_server.ptr("127.0.1.%d" % i, "h%d.example.test" % i)
         dns_server.a("h%d.example.test" % i, "127.0.1.%d" % i)
     resolver = make(dns_server, timeout=5.0)
     slow = gevent.spawn(lookup, resolver, "127.0.0.200")
-    started = time.monotonic()
+    for _ in range(1000):  # until the slow lookup is in flight (the hub runs it while this sleeps)
+        if dns_server.count("200.0.0.127.in-addr.arpa", "PTR"):
+            break
+        gevent.sleep(0.01)
     fast = [gevent.spawn(lookup, resolver, "127.0.1.%d" % i) for i in range(1, 51)]
     gevent.joinall(fast, timeout=5, raise_error=True)
-    assert time.monotonic() - started < 1.0
+    assert all(job.ready() for job in fast)
     assert not slow.ready()
     assert [job.value[0] for job in fast] == ["h%d.example.test" % i for i in range(1, 51)]
     assert slow.get(timeout=5) == ("slow.example.test", [])

@@ -1,19 +1,17 @@
 """ManageSieve through mailproxy to Dovecot's managesieve, with sievelib and sieve-connect (issue 17.4)."""
 
-import importlib.util
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, TESTS)
 
-from authserver import RecordingAuthServer  # noqa: E402
-from backends import MANAGESIEVE, USERS, dovecot, require  # noqa: E402,F401
-from mailproxy_testing import free_port, missing  # noqa: E402
+from support.authserver import RecordingAuthServer
+from support.backends import MANAGESIEVE, USERS, require
+from support.harness import free_port, mail_config, missing
+from support.pki import Pki
 
 try:
     from sievelib import managesieve as sievelib
@@ -30,17 +28,9 @@ SIEVE_CONNECT = "/usr/bin/sieve-connect"
 SCRIPT = 'require "fileinto";\nif header :contains "subject" "%s" { fileinto "INBOX"; }\n'
 
 
-def _load_pki_class():
-    # tests/tls/conftest.py owns the certificates; loaded by path, as every conftest is a "conftest".
-    spec = importlib.util.spec_from_file_location("tls_pki", os.path.join(TESTS, "tls", "conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Pki
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    return _load_pki_class()(str(tmp_path_factory.mktemp("pki")))
+    return Pki(str(tmp_path_factory.mktemp("pki")))
 
 
 @pytest.fixture
@@ -48,19 +38,13 @@ def edge(pki, dovecot, mailproxy_master):
     require(MANAGESIEVE)
     auth = RecordingAuthServer(USERS, {"sieve": ("127.0.0.1", dovecot.sieve_port)})
     ports = {"plain": free_port(), "starttls": free_port()}
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 256; }
-mail {
-    auth_http %s;
-    timeout 10s;
+    config = mail_config(auth.url, """
     sieve_auth plain login;
     %s
     server { listen 127.0.0.1:%d; protocol sieve; }
     server { listen 127.0.0.1:%d; protocol sieve; starttls only; }
 }
-""" % (auth.url, pki.tls_directives(), ports["plain"], ports["starttls"])
+""" % (pki.tls_directives(), ports["plain"], ports["starttls"]), timeout="10s")
     master = mailproxy_master(config, handler=None)
     edge = type("Edge", (), {})()
     edge.ports, edge.auth, edge.master, edge.dovecot, edge.pki = ports, auth, master, dovecot, pki

@@ -5,18 +5,14 @@ one byte string, since a cut can only change how replies are grouped, never what
 """
 
 import base64
-import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
 from mailproxy.protocol.sieve import SieveConfig, SieveMachine, parse_line, Kind, string
 from mailproxy.upstream.common import Failed, LoggedIn, LogPhase
 from mailproxy.upstream.sieve import SieveUpstreamLogin, response_end
-
-# CI raises it (.ci/run), as for the other machines.
-EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "300"))
 
 CAPS = (
     b'"IMPLEMENTATION" "mailproxy"\r\n"SASL" "PLAIN LOGIN"\r\n"SIEVE" "fileinto vacation"\r\n'
@@ -178,19 +174,24 @@ def test_parser_pieces():
     assert string(b"a\r\nb") == b"{4}\r\na\r\nb"
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
 @given(st.lists(st.binary(max_size=40) | st.sampled_from(
     [b"NOOP\r\n", b'AUTHENTICATE "PLAIN"\r\n', b'"*"\r\n', b"{3+}\r\n", b"STARTTLS\r\n", b'"', b"\r\n"]),
     max_size=12), st.sampled_from(["on", "off", "only"]), st.booleans())
 def test_fuzz_never_raises(chunks, starttls, fail):
     machine = SieveMachine(config(starttls=starttls, client_buffer=64, max_errors=100))
+    actions = machine.greeting()
     for chunk in chunks:
         for action in machine.receive_data(chunk):
-            assert isinstance(action, (Send, Log, Close, StartTLS, Authenticate))
+            actions.append(action)
             if isinstance(action, StartTLS):
-                machine.tls_established()
+                actions += machine.tls_established()
         if machine.awaiting_auth:
-            machine.auth_failed("no", wait=fail)
+            actions += machine.auth_failed("no", wait=fail)
+    assert all(isinstance(a, (Send, Log, Close, StartTLS, Authenticate)) for a in actions)
+    # A session closes once, with nothing after it, and a closed machine reads nothing more.
+    assert actions.count(Close()) <= 1
+    if Close() in actions:
+        assert actions[-1] == Close() and machine.receive_data(b"NOOP\r\n") == []
 
 
 # -- the backend login ----------------------------------------------------------------------------
@@ -240,11 +241,16 @@ def test_response_end_skips_literals():
     assert response_end(b'"SIEVE" {40}\r\nOK\r\n') == -1
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
 @given(st.lists(st.binary(max_size=30) | st.sampled_from([b"OK\r\n", b'"X" {2}\r\n', b"NO\r\n"]), max_size=8))
 def test_upstream_fuzz(chunks):
     machine = login(proxy_buffer=128, starttls=True)
+    actions = []
     for chunk in chunks:
         if machine.finished:
             break
-        machine.receive_data(chunk)
+        actions += machine.receive_data(chunk)
+    assert all(isinstance(a, (Send, LogPhase, StartTLS, LoggedIn, Failed)) for a in actions)
+    # One verdict, the last action, exactly when the login is over.
+    verdicts = [a for a in actions if isinstance(a, (LoggedIn, Failed))]
+    assert len(verdicts) == int(machine.finished)
+    assert not verdicts or actions[-1] is verdicts[0]

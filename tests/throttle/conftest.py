@@ -1,16 +1,12 @@
 """Fixtures of the throttling tests: the tiny IMAP backend and a real redis-server."""
 
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from mailproxy_testing import free_port  # noqa: E402
-from throttlekit import TinyImapBackend, require, wait_listening  # noqa: E402
+from support.harness import free_port, wait_listening
+from support.throttlekit import TinyImapBackend, require
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import sys
 import pytest
 import requests
 
-from throttlekit import require, wait_listening
-from mailproxy_testing import free_port
+from support.harness import free_port, wait_listening
+from support.throttlekit import require
 
 USERS = ("backend imap 127.0.0.1:1143\nuser alice@example.com {PLAIN}wonderland\n"
          "user mallory@example.com {PLAIN}own-account\n")

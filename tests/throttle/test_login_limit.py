@@ -7,17 +7,15 @@ counting what reaches it, a tiny IMAP backend for the logins that succeed. Clien
 
 import os
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-from authserver import RecordingAuthServer  # noqa: E402
-from mailproxy_testing import free_port, read_line  # noqa: E402
+from support.authserver import RecordingAuthServer
+from support.harness import free_port, read_line
 
 ATTACKER = "127.0.0.2"
 USER = "127.0.0.3"
@@ -110,8 +108,8 @@ def test_per_login_counts_the_name_from_any_address(node):
 
 
 def test_delay_grows_with_each_failure(node):
-    step = 0.3
-    port, auth = node("failures=10 delay=300ms")
+    step = 0.5
+    port, auth = node("failures=10 delay=500ms")
     # A worker's first session pays for its warm-up (about a second): warm both up from elsewhere.
     for _ in range(6):
         login(port, "127.0.0.9", "good", "secret")
@@ -119,12 +117,14 @@ def test_delay_grows_with_each_failure(node):
         began = time.monotonic()
         assert login(port, ATTACKER, "good", "wrong") == INVALID
         elapsed = time.monotonic() - began
-        # The lower bound is the point; the upper one is loose for a busy machine (and a cold worker).
-        assert step * failures - 0.05 <= elapsed < step * failures + 1.5, (failures, elapsed)
-    # Another address starts from no delay: its first attempt is quicker than the attacker's next one.
+        # The configured delay is the point: never less. The upper bound only says the delay is the
+        # configured one and not a multiple of it, with room for a busy machine and a cold worker.
+        assert step * failures - 0.05 <= elapsed < step * (failures + 4), (failures, elapsed)
+    # Another address starts from no delay: its first failure is answered before the attacker's next
+    # one could be (4 x 500 ms), however busy the machine.
     began = time.monotonic()
     assert login(port, USER, "good", "wrong") == INVALID
-    assert time.monotonic() - began < step * 4 - 0.05
+    assert time.monotonic() - began < step * 4
 
 
 def test_reload_keeps_the_zone(node):

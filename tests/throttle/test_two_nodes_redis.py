@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mailproxy_testing import free_port, read_line, read_to_close
-from throttlekit import require, wait_listening
+from support.harness import free_port, read_line, read_to_close, wait_listening
+from support.throttlekit import require
 
 ATTACKER = "127.0.0.2"
 OTHER = "127.0.0.3"

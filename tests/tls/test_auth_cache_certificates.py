@@ -5,9 +5,9 @@ import socket
 
 import pytest
 
-from authserver import RecordingAuthServer
-from backends import USERS, dovecot  # noqa: F401
-from mailproxy_testing import free_port
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.harness import free_port, mail_config
 
 
 class CertificateAuthServer(RecordingAuthServer):
@@ -23,17 +23,12 @@ class CertificateAuthServer(RecordingAuthServer):
 def edge(pki, dovecot, mailproxy_master):  # noqa: F811
     auth = CertificateAuthServer(USERS, {"imap": ("127.0.0.1", dovecot.imap_port)})
     port = free_port()
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
+    config = mail_config(auth.url, """
     %s
     server { listen 127.0.0.1:%d ssl; protocol imap; ssl_verify_client optional;
              ssl_client_certificate %s; auth_http_cache 60s negative=60s; }
 }
-""" % (auth.url, pki.tls_directives(), port, pki["client_ca.pem"])
+""" % (pki.tls_directives(), port, pki["client_ca.pem"]), timeout=None)
     master = mailproxy_master(config, handler=None)
     yield port, auth, pki
     auth.close()

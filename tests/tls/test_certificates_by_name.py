@@ -5,16 +5,17 @@ import concurrent.futures
 import hashlib
 import os
 import shutil
-import tempfile
 import socket
 import ssl
 import subprocess
+import tempfile
 
 import pytest
 import trustme
 
 from mailproxy.tls import by_name as tls_by_name
-from mailproxy_testing import free_port
+
+from support.harness import free_port
 
 OPENSSL = "/usr/bin/openssl"
 DOMAINS = ["d%d.example.test" % i for i in range(10000)]
@@ -184,9 +185,9 @@ def test_cache_is_bounded_and_follows_files(tmp_path):
 
 
 def test_a_default_is_required(certs, tmp_path):
-    from mailproxy.tls import client as client_tls
     from mailproxy.conf.lexer import ConfigError
     from mailproxy.conf.load import load_config
+    from mailproxy.tls import client as client_tls
 
     conf = tmp_path / "mailproxy.conf"
     conf.write_text("events {}\nmail { auth_http 127.0.0.1:1/a; server { listen 127.0.0.1:%d ssl; protocol imap; "

@@ -1,6 +1,7 @@
 """The OpenSSL bridge (mailproxy/_openssl.pyx) against real peers: `openssl s_client` and Python clients
 through a real mailproxy master, one directive at a time, each as nginx behaves (issue 22)."""
 
+import _ssl
 import imaplib
 import os
 import re
@@ -8,13 +9,14 @@ import socket
 import ssl
 import subprocess
 
-import _ssl
 import pytest
 
-from authserver import RecordingAuthServer
-from backends import require
-from mailproxy_testing import free_port
-from mailproxy.tls import client as client_tls, openssl
+from mailproxy.tls import client as client_tls
+from mailproxy.tls import openssl
+
+from support.authserver import RecordingAuthServer
+from support.backends import require
+from support.harness import free_port
 
 OPENSSL = "/usr/bin/openssl"
 

@@ -8,9 +8,9 @@ import struct
 
 import pytest
 
-from authserver import RecordingAuthServer
-from backends import USERS, dovecot, wait_for_log  # noqa: F401
-from mailproxy_testing import free_port
+from support.authserver import RecordingAuthServer
+from support.backends import USERS, wait_for_log
+from support.harness import free_port, mail_config
 
 SERVERS = ("imap", "imaps", "pop3", "smtp")
 
@@ -20,20 +20,14 @@ def edge(pki, dovecot, mailproxy_master):  # noqa: F811
     auth = RecordingAuthServer(USERS, {"imap": ("127.0.0.1", dovecot.imap_port),
                                        "pop3": ("127.0.0.1", dovecot.pop3_port)})
     ports = {name: free_port() for name in SERVERS}
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 1024; }
-mail {
-    auth_http %s;
-    timeout 10s;
+    config = mail_config(auth.url, """
     %s
     server { listen 127.0.0.1:%d; protocol imap; starttls on; imap_client_id on; }
     server { listen 127.0.0.1:%d ssl; protocol imap; }
     server { listen 127.0.0.1:%d; protocol pop3; starttls on; }
     server { listen 127.0.0.1:%d; protocol smtp; starttls on; }
 }
-""" % ((auth.url, pki.tls_directives()) + tuple(ports[name] for name in SERVERS))
+""" % ((pki.tls_directives(),) + tuple(ports[name] for name in SERVERS)), timeout="10s")
     master = mailproxy_master(config, handler=None)
     edge = type("Edge", (), {})()
     edge.ports, edge.auth, edge.master, edge.pki, edge.dovecot = ports, auth, master, pki, dovecot

@@ -6,21 +6,19 @@ failures, and the STARTTLS command-injection case.
 """
 
 import imaplib
-import os
 import poplib
 import re
 import smtplib
 import socket
 import ssl
 import subprocess
-import time
 
 import pytest
 
-from authserver import RecordingAuthServer
-from backends import USERS, dovecot, postfix, require  # noqa: F401
-from mailproxy_testing import free_port
-import nginxref
+from support import nginxref
+from support.authserver import RecordingAuthServer
+from support.backends import USERS, require
+from support.harness import free_port
 
 SERVERS = ("imaps", "imap", "pop3s", "pop3", "smtps", "smtp", "verify", "optional")
 OPENSSL = "/usr/bin/openssl"
@@ -246,7 +244,7 @@ def test_auth_ssl_headers_match_nginx(edge):
     pki = edge.pki
     client_ctx = pki.client_context("client")
     client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # Debian's nginx 1.22 defaults to TLS <= 1.2
-    port = nginxref.free_port()
+    port = free_port()
     auth = RecordingAuthServer(USERS, {"imap": ("127.0.0.1", 9)})
     block = """
     auth_http %s;

@@ -1,20 +1,15 @@
 """The real-backend fixtures proven directly (stdlib clients) and with the upstream login machines."""
 
 import base64
-import os
-import socket
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import imaplib  # noqa: E402
 import poplib  # noqa: E402
 import smtplib  # noqa: E402
+import socket
+import time
 
 import pytest  # noqa: E402
 
-from backends import USERS, dovecot, postfix, require, wait_for_log  # noqa: E402,F401
+from mailproxy.proxy_protocol import header  # noqa: E402
 from mailproxy.upstream import (  # noqa: E402
     Failed,
     ImapUpstreamLogin,
@@ -23,7 +18,8 @@ from mailproxy.upstream import (  # noqa: E402
     Send,
     SmtpUpstreamLogin,
 )
-from mailproxy.proxy_protocol import header  # noqa: E402
+
+from support.backends import USERS, require, wait_for_log
 
 
 def test_missing_binary_skips_but_fails_under_ci(monkeypatch):

@@ -6,14 +6,11 @@ a passing test is proof that mailproxy spoke TLS to them.
 """
 
 import os
-import sys
 
 import pytest
 import trustme
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from backends import DOVECOT, POSTFIX, Dovecot, Postfix, require  # noqa: E402
+from support.backends import DOVECOT, POSTFIX, Dovecot, Postfix, require
 
 
 class BackendPki:

@@ -12,28 +12,22 @@ import re
 import smtplib
 import socket
 import ssl
-import threading
 
-from authserver import RecordingAuthServer
-from backends import USERS, wait_for_log
-from mailproxy_testing import free_port
+from support.authserver import RecordingAuthServer
+from support.backends import USERS, wait_for_log
+from support.harness import free_port, mail_config
+from support.servers import TcpServer
 
 
 def start_edge(mailproxy_master, protocol, backend_port, directives, listen_extra="", mail_extra=""):
     auth = RecordingAuthServer(USERS, {protocol: ("127.0.0.1", backend_port)})
     port = free_port()
-    config = """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 20s;
+    config = mail_config(auth.url, """
     server_name mail.example.test;
     %s
     server { listen 127.0.0.1:%d%s; protocol %s; %s }
 }
-""" % (auth.url, mail_extra, port, listen_extra, protocol, directives)
+""" % (mail_extra, port, listen_extra, protocol, directives), timeout="20s")
     master = mailproxy_master(config, handler=None)
     return port, master, auth
 
@@ -135,37 +129,25 @@ def test_auth_ssl_upstream_header(mailproxy_master, dovecot_tls, backend_pki):
     auth.close()
 
 
-class FakePop3TlsBackend:
+class FakePop3TlsBackend(TcpServer):
     """A tiny implicit-TLS POP3 backend with one SSLContext, hence stable ticket keys (Dovecot's login
     processes each make their own, so it never resumes) and any certificate chain the test wants."""
 
     def __init__(self, cert, key):
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert, key)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.resumed = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                with self.ctx.wrap_socket(conn, server_side=True) as tls_conn:
-                    self.resumed.append(tls_conn.session_reused)
-                    tls_conn.sendall(b"+OK ready\r\n")
-                    for reply in (b"+OK\r\n", b"+OK logged in\r\n", b"+OK bye\r\n"):
-                        if not tls_conn.recv(1024):
-                            break
-                        tls_conn.sendall(reply)
-            except (ssl.SSLError, OSError):
-                continue  # the refused handshakes of the depth test end here
-
-    def close(self):
-        self.listener.close()
+    def serve_connection(self, conn):
+        # A refused handshake (the depth test's) ends in an SSLError, which TcpServer takes quietly.
+        with self.ctx.wrap_socket(conn, server_side=True) as tls_conn:
+            self.resumed.append(tls_conn.session_reused)
+            tls_conn.sendall(b"+OK ready\r\n")
+            for reply in (b"+OK\r\n", b"+OK logged in\r\n", b"+OK bye\r\n"):
+                if not tls_conn.recv(1024):
+                    break
+                tls_conn.sendall(reply)
 
 
 def test_verify_depth(mailproxy_master, backend_pki):

@@ -4,21 +4,21 @@ without the bridge `-t` refuses the directive and says why."""
 
 import imaplib
 import re
-import socket
 import ssl
-import threading
 
 import pytest
 
-from authserver import RecordingAuthServer
-from backends import USERS
 from mailproxy.tls import openssl
-from mailproxy_testing import free_port
+
+from support.authserver import RecordingAuthServer
+from support.backends import USERS
+from support.harness import free_port, mail_config
+from support.servers import TcpServer
 
 WAIT = 20.0
 
 
-class TlsImapBackend:
+class TlsImapBackend(TcpServer):
     """Implicit-TLS IMAP backend in a thread: records the protocol version each connection negotiated,
     takes any LOGIN (literals included, as mailproxy sends them), answers NOOP and LOGOUT."""
 
@@ -26,53 +26,31 @@ class TlsImapBackend:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert, key)
         self.versions = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def serve_connection(self, conn):
+        # The proxy closing its side ends in an OSError, which TcpServer takes quietly: the test reads
+        # what was recorded.
         conn.settimeout(WAIT)
-        try:
-            with self.ctx.wrap_socket(conn, server_side=True) as sock:
-                self.versions.append(sock.version())
-                sock.sendall(b"* OK ready\r\n")
-                reader = sock.makefile("rb")
-                while True:
-                    line = reader.readline()
-                    if not line:
-                        return
-                    while True:  # a literal {n} gets a continuation, then its n bytes and the rest
-                        literal = re.search(rb"\{(\d+)\+?\}\r\n$", line)
-                        if not literal:
-                            break
-                        sock.sendall(b"+ go\r\n")
-                        line += reader.read(int(literal.group(1))) + reader.readline()
-                    tag, _, rest = line.partition(b" ")
-                    if rest.upper().startswith(b"LOGOUT"):
-                        sock.sendall(b"* BYE\r\n%s OK bye\r\n" % tag)
-                        return
-                    sock.sendall(b"%s OK done\r\n" % tag)
-        except (OSError, ssl.SSLError):
-            return  # the proxy closed its side; the test reads what was recorded
-
-    def close(self):
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # a listener that was never connected: nothing to shut down
-        self.listener.close()
-        self.thread.join(WAIT)
+        with self.ctx.wrap_socket(conn, server_side=True) as sock:
+            self.versions.append(sock.version())
+            sock.sendall(b"* OK ready\r\n")
+            reader = sock.makefile("rb")
+            while True:
+                line = reader.readline()
+                if not line:
+                    return
+                while True:  # a literal {n} gets a continuation, then its n bytes and the rest
+                    literal = re.search(rb"\{(\d+)\+?\}\r\n$", line)
+                    if not literal:
+                        break
+                    sock.sendall(b"+ go\r\n")
+                    line += reader.read(int(literal.group(1))) + reader.readline()
+                tag, _, rest = line.partition(b" ")
+                if rest.upper().startswith(b"LOGOUT"):
+                    sock.sendall(b"* BYE\r\n%s OK bye\r\n" % tag)
+                    return
+                sock.sendall(b"%s OK done\r\n" % tag)
 
 
 @pytest.fixture
@@ -85,16 +63,10 @@ def tls_backend(backend_pki):
 
 
 def edge_config(auth, port, commands):
-    return """
-worker_processes 1;
-error_log logs/error.log info;
-events { worker_connections 64; }
-mail {
-    auth_http %s;
-    timeout 20s;
+    return mail_config(auth.url, """
     server { listen 127.0.0.1:%d; protocol imap; proxy_ssl on; %s }
 }
-""" % (auth.url, port, " ".join("proxy_ssl_conf_command %s %s;" % pair for pair in commands))
+""" % (port, " ".join("proxy_ssl_conf_command %s %s;" % pair for pair in commands)), timeout="20s")
 
 
 def login_logout(port):
