@@ -38,7 +38,7 @@ MEMORY = "memory:"
 # Log injection: nginx writes a login or a backend reply holding CR/LF raw, so a client can forge log
 # lines. Every line passes format_line, so control characters (C0, DEL, C1) and bytes that were not
 # UTF-8 (surrogateescape's U+DC80..U+DCFF) become \xNN there. Backslashes and quotes stay as they are:
-# escape_for_log already escapes them where client text is quoted, and escaping them here too would
+# escape_bytes already escapes them where client text is quoted, and escaping them here too would
 # double every escape it made.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
 
@@ -52,6 +52,25 @@ def _escape_char(match):
         # A C1 control sent as valid UTF-8: show its two bytes, as they were on the wire.
         return "".join("\\x%02X" % byte for byte in char.encode("utf-8"))
     return "\\x%02X" % code
+
+
+# A peer's bytes inside a line (a login, an auth server's text, a backend's reply): printable ASCII as it
+# is, anything else as \xNN, so a line stays one line of text whatever the peer sent. Client text sits in
+# a quoted field ("..."), where the quote and the backslash are escaped too so that the field cannot be
+# closed early; a backend's reply keeps them, as nginx writes it, and its tabs and line ends, which
+# escape_line writes as \xNN with every line's other controls.
+_NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e\t\r\n]")
+_NOT_QUOTABLE = re.compile(rb'[^\x20\x21\x23-\x5b\x5d-\x7e]')
+
+
+def _hex(match):
+    return b"\\x%02X" % match.group()[0]
+
+
+def escape_bytes(data, quoted=True):
+    """``data`` as log text: printable ASCII kept, other bytes as \\xNN: with ``quoted``, ``"`` and ``\\``
+    too; without, tabs and line ends are left to escape_line."""
+    return (_NOT_QUOTABLE if quoted else _NOT_PRINTABLE).sub(_hex, data).decode("ascii")
 
 
 def escape_line(message):
@@ -76,7 +95,24 @@ def os_error_text(exc):
     return errno_text(code) if code else "(0: %s)" % exc
 
 
-class LogFile:
+class LogTarget:
+    """Where error-log lines go: a file, stderr, a syslog peer, a memory ring. A target with no
+    descriptor of its own has nothing to reopen after a rotation, hand to the worker user or close."""
+
+    def emit(self, rank, line):
+        raise NotImplementedError
+
+    def reopen(self):
+        pass
+
+    def chown(self, uid, gid):
+        pass
+
+    def close(self):
+        pass
+
+
+class LogFile(LogTarget):
     """One open log path. Reopening swaps the descriptor so a rotated file is let go."""
 
     def __init__(self, path):
@@ -114,7 +150,7 @@ class LogFile:
             self.fd = -1
 
 
-class StderrFile:
+class StderrFile(LogTarget):
     path = STDERR
 
     def emit(self, rank, line):
@@ -127,15 +163,6 @@ class StderrFile:
             # A closed terminal (EPIPE, EIO after the session ended) must not stop the proxy.
             if exc.errno not in (errno.EPIPE, errno.EIO, errno.EBADF):
                 raise
-
-    def reopen(self):
-        pass
-
-    def chown(self, uid, gid):
-        pass
-
-    def close(self):
-        pass
 
 
 # -- syslog (ngx_syslog.c) -------------------------------------------------------------------------------
@@ -274,7 +301,7 @@ def hostname():
     return _hostname
 
 
-class SyslogPeer:
+class SyslogPeer(LogTarget):
     """One syslog server: a connected, non-blocking datagram socket.
 
     It is the C socket module's socket, not gevent's: a send must fail at once rather than wait
@@ -341,12 +368,6 @@ class SyslogPeer:
             self.sock.close()
             self.sock = None
 
-    def reopen(self):
-        pass
-
-    def chown(self, uid, gid):
-        pass
-
     def close(self):
         self._close()
 
@@ -367,7 +388,7 @@ def parse_memory(target):
     return size
 
 
-class MemoryLog:
+class MemoryLog(LogTarget):
     """A ring buffer of the latest lines, for a core dump or a debugger to show, as nginx's."""
 
     def __init__(self, target):
@@ -382,15 +403,6 @@ class MemoryLog:
         rest = line[len(first):]
         self.buffer[: len(rest)] = rest
         self.written += len(line)
-
-    def reopen(self):
-        pass
-
-    def chown(self, uid, gid):
-        pass
-
-    def close(self):
-        pass
 
 
 def check_target(target):

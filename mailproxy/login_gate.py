@@ -17,7 +17,7 @@ from mailproxy import metrics, throttle
 from mailproxy.auth_http import cache as auth_cache
 from mailproxy.auth_http.client import AuthHttpClient
 from mailproxy.auth_http.response import TIMED_OUT, AuthError, AuthFail, AuthOk, AuthRetry, decide
-from mailproxy.protocol.common import escape_for_log
+from mailproxy.log import escape_bytes
 from mailproxy.protocols import PROTOCOLS
 
 # Verdicts.
@@ -118,7 +118,7 @@ class LoginGate:
         attempt = self.attempt
         if self.debug:
             self.debug('mail auth http request: method "%s", login "%s", attempt %d, %d bytes'
-                       % (attempt.method, escape_for_log(attempt.login), attempt.attempt, len(self.request)))
+                       % (attempt.method, escape_bytes(attempt.login), attempt.attempt, len(self.request)))
         self.began = time.monotonic()
         self.exchange = self.runtime.auth.start(self.request, self._replied, self.debug, self.guard)
 

@@ -33,7 +33,7 @@ from mailproxy import login_gate, proxy_protocol, relay, resolver, session_log
 from mailproxy.auth_http import request as auth_request
 from mailproxy.backend_login import BackendLogin, BackendLoginFailed
 from mailproxy.events import READ, WRITE, Connection, failed_call
-from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS, escape_for_log
+from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
 from mailproxy.tls import client as client_tls, openssl
 
 _READ_SIZE = 16384
@@ -179,7 +179,7 @@ class Session:
         # it gave them (nginx's s->login); from then on the login the auth server answered (Auth-User).
         login = self.login if self.upstream or self.machine is None else self.machine.login
         if login:
-            parts.append(', login: "%s"' % escape_for_log(login))
+            parts.append(', login: "%s"' % errorlog.escape_bytes(login))
         # nginx stops at an empty login: SMTP relay sessions (method none) never show their upstream.
         if login and self.upstream:
             parts.append(", upstream: %s" % self.upstream)

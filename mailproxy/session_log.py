@@ -24,7 +24,7 @@ import json
 import time
 
 from mailproxy import log as errorlog
-from mailproxy.protocol.common import escape_for_log
+from mailproxy.log import escape_bytes
 
 FLUSH_INTERVAL = 1.0
 FLUSH_SIZE = 32768
@@ -66,7 +66,7 @@ def record(setting, protocol, client, server, login, upstream, result, from_clie
         "protocol": protocol,
         "client": client,
         "server": server,
-        "login": escape_for_log(login) if login else "",
+        "login": escape_bytes(login) if login else "",
         "upstream": upstream,
         "result": result,
         "bytes_from_client": from_client,

@@ -17,13 +17,14 @@ import socket
 from dataclasses import dataclass
 from typing import Optional
 
+from mailproxy.protocol.common import OAUTH_METHODS
+
 # nginx reads the reply into one 1024-byte buffer; a header block that does not fit is a failed read.
 HEADER_LIMIT = 1024
 
 _HEADER = re.compile(rb"([A-Za-z0-9][A-Za-z0-9-]*)(?::[ ]*(.*?)[ ]*)?", re.DOTALL)
 _DIGITS = re.compile(rb"[0-9]+")
 _IPV4 = re.compile(rb"([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)")
-_OAUTH_METHODS = frozenset(("xoauth2", "oauthbearer"))
 _NO_PASSWORD_METHODS = frozenset(("apop", "cram-md5", "external"))
 _SMTP_AUTH_METHODS = frozenset((b"none", b"plain", b"login"))
 
@@ -310,7 +311,7 @@ def decide(reply: AuthReply, protocol: str, method: str):
         if protocol == "smtp" and reply.error_code:
             error_code = _text(reply.error_code)
         sasl_error = None
-        if method in _OAUTH_METHODS and reply.error_sasl is not None:
+        if method in OAUTH_METHODS and reply.error_sasl is not None:
             sasl_error = _text(reply.error_sasl)
         return AuthFail(_text(failure), reply.wait or 0, error_code, sasl_error)
     if reply.wait_status:

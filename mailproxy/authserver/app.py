@@ -48,12 +48,13 @@ import urllib.parse
 # are imported after the patch.
 from mailproxy.authserver.stores import (
     AnswerCache, StoreConfigError, StoreUnavailable, open_store, read_config, resolve)
+from mailproxy.log import escape_bytes
+from mailproxy.protocol.common import OAUTH_METHODS
 
 INVALID = "Invalid login or password"
 LOCKED = "Too many invalid logins, try again later"
 UNROUTED = "Temporary server problem, try again later"
 INVALID_TOKEN = "invalid token"
-OAUTH_METHODS = ("xoauth2", "oauthbearer")
 # RFC 7628 3.2.2: the server's error, sent to the client as the challenge of the SASL error exchange.
 BEARER_ERROR = base64.b64encode(json.dumps({"status": "401", "schemes": "bearer"}, separators=(",", ":")).encode()).decode()
 
@@ -370,7 +371,7 @@ def _unescape(value: str) -> str:
 
 
 def _quote(text: str) -> str:
-    return '"%s"' % "".join(c if 0x20 < ord(c) < 0x7F and c != '"' else "\\x%02X" % (ord(c) & 0xFF) for c in text)
+    return '"%s"' % escape_bytes(text.encode("latin-1", "replace"))
 
 
 def _warn(message):

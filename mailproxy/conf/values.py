@@ -17,7 +17,6 @@ from mailproxy.protocols import PROTOCOLS
 
 from .settings import AuthHttpUrl, Listen, LoginLimit
 
-LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 DEBUG_LEVELS = ("debug_core", "debug_alloc", "debug_mutex", "debug_event", "debug_http", "debug_mail",
                 "debug_stream")
 UNIX_PATH_MAX = 108
@@ -276,7 +275,7 @@ def error_log(ctx, args):
                 raise BadValue('invalid log level "%s"' % arg)
             debug_modules = True
             continue
-        if arg not in LOG_LEVELS:
+        if arg not in errorlog.LEVELS:
             raise BadValue('invalid log level "%s"' % arg)
         if level is not None or debug_modules:
             raise BadValue('duplicate log level "%s"' % arg)

@@ -16,6 +16,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from mailproxy.log import escape_bytes
+
 from . import sasl
 
 
@@ -80,17 +82,6 @@ TOO_MANY_COMMANDS = "client sent too many commands"
 _SECRET_VERBS = (b"LOGIN", b"AUTHENTICATE", b"AUTH", b"PASS", b"APOP")
 
 
-def escape_for_log(data: bytes) -> str:
-    """Control bytes, quotes, backslashes and non-ASCII as \\xNN, so one log line stays one line."""
-    out = []
-    for byte in data:
-        if 0x20 <= byte < 0x7F and byte not in (0x22, 0x5C):
-            out.append(chr(byte))
-        else:
-            out.append("\\x%02X" % byte)
-    return "".join(out)
-
-
 def redact_command(line: bytes) -> bytes:
     """Keep the tag and verb of a credential-bearing line and drop what follows them."""
     words = line.split(None, 2)
@@ -108,11 +99,11 @@ def auth_server_text(text) -> bytes:
 
 def login_failed(text: bytes) -> Log:
     """nginx's info line for a refused login; the auth server's text is escaped like any log input."""
-    return Log("info", 'client login failed: "%s"' % escape_for_log(text))
+    return Log("info", 'client login failed: "%s"' % escape_bytes(text))
 
 
 def too_long(buffer: bytes) -> str:
-    return 'client sent too long command "%s"' % escape_for_log(redact_command(buffer))
+    return 'client sent too long command "%s"' % escape_bytes(redact_command(buffer))
 
 
 # --- states -------------------------------------------------------------------------------------------

@@ -275,8 +275,9 @@ class SieveMachine(LiteralMachine):
         return b"NO " + string(text) + CRLF
 
     def _too_long(self, parsed):
-        # SASL responses are credentials: log none of them.
-        shown = bytes(self._buffer) if self.state is State.START else b"..."
+        # SASL responses are credentials: log none of them. What is shown is what the buffer holds, however
+        # the bytes arrived (one read may bring far more than the buffer).
+        shown = bytes(self._buffer[: self.config.client_buffer]) if self.state is State.START else b"..."
         return self._fatal(too_long(shown), BYE_TOO_LONG)
 
     def _authenticate(self, method, login, password):

@@ -12,10 +12,11 @@ after every line (spec 9.13), so "too long command" only means one line did not 
 
 from dataclasses import dataclass
 
+from mailproxy.log import escape_bytes
 from mailproxy.protocol import sasl
 from mailproxy.protocol.common import (EXCHANGE_STATES, RESPONSE, RESPONSE_STATES, AuthAttempt, Authenticate,
                                        LineMachine, Log, Machine, Send, ServerConfig, State, auth_server_text,
-                                       escape_for_log, redact_command, responses, too_long)
+                                       redact_command, responses, too_long)
 
 CRLF = b"\r\n"
 SP, CR, LF = 0x20, 0x0D, 0x0A
@@ -160,7 +161,7 @@ class SmtpMachine(LineMachine):
         """Bytes that arrived before the delayed greeting: nginx refuses such a client (spec 2.3.2)."""
         shown = b"".join(_redact_line(line) for line in data.splitlines(keepends=True))
         shown = shown.replace(b"\r", b"_").replace(b"\n", b"_")
-        log = Log("info", 'client was rejected before greeting: "%s"' % escape_for_log(shown))
+        log = Log("info", 'client was rejected before greeting: "%s"' % escape_bytes(shown))
         return [log, Send(self.config.pipelining_rejected)] + self._close()
 
     # -- reading ----------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class SmtpMachine(LineMachine):
         if "none" not in self.config.auth_methods:
             shown = self._command_line.replace(b"\r", b"_").replace(b"\n", b"_")
             return [
-                Log("info", 'client was rejected: "%s"' % escape_for_log(shown)),
+                Log("info", 'client was rejected: "%s"' % escape_bytes(shown)),
                 Send(AUTH_REQUIRED),
             ]
         if self.mail_from:

@@ -9,6 +9,7 @@ and the PROXY header; the machine owns every byte of the dialogue.
 from dataclasses import dataclass
 from typing import List, Optional
 
+from mailproxy.log import escape_bytes
 from mailproxy.protocol.common import Send, StartTLS
 
 __all__ = [
@@ -65,18 +66,6 @@ class Failed:
     level: str
     log_message: str
     client_reply: Optional[bytes]
-
-
-def log_text(data: bytes) -> str:
-    """Backend bytes for a log line: printable ASCII and CR/LF kept as nginx writes them, the rest
-    as \\xNN so that a hostile backend cannot smuggle terminal escapes or invalid UTF-8 into the log."""
-    out = []
-    for byte in data:
-        if 0x20 <= byte < 0x7F or byte in (0x09, 0x0A, 0x0D):
-            out.append(chr(byte))
-        else:
-            out.append("\\x%02X" % byte)
-    return "".join(out)
 
 
 def line_end(buffer: bytes, start: int, minimum: int = 4) -> int:
@@ -172,7 +161,7 @@ class UpstreamLogin:
         ``shown`` is the part nginx logs (without the final CRLF), ``whole`` what the client gets
         when ``proxy_pass_error_message`` is on.
         """
-        message = 'upstream sent invalid response: "%s"' % log_text(shown)
+        message = 'upstream sent invalid response: "%s"' % escape_bytes(shown, quoted=False)
         if self._pass_error_message:
             return self._fail("info", message, whole)
         return self._fail("error", message, None)
@@ -180,7 +169,7 @@ class UpstreamLogin:
     def _too_long(self) -> List[object]:
         data = self._buffer[: self._proxy_buffer]
         # nginx terminates the full buffer in place, over its last byte, before printing it.
-        message = 'upstream sent too long response line: "%s"' % log_text(data[:-1])
+        message = 'upstream sent too long response line: "%s"' % escape_bytes(data[:-1], quoted=False)
         return self._fail("error", message, None)
 
     def _start_tls(self) -> List[object]:
