@@ -48,14 +48,15 @@ PEER = {
     "relay/test_tls_pump_worker.py", "test_quickstart.py", "conf/test_conf_cases.py", "differential",
 }
 PROCESS = {
-    "beyond", "reliability", "resolver/test_resolver_e2e.py", "throttle", "observability", "oauth",
-    "relay/test_pump.py", "relay/test_tls_pump.py", "relay/test_load.py", "relay/test_integrity.py",
-    "relay/test_lifecycle.py", "conf/test_conf_load.py",
-    "conf/test_main_events.py", "test_authserver.py", "test_authserver_attacks.py", "test_bench_quick.py",
-    "test_demo_backend.py", "test_error_log_targets.py", "test_listeners.py", "test_log.py", "test_master.py",
-    "test_process_control.py", "test_systemd_unit.py",
+    "beyond", "reliability", "resolver/test_resolver_e2e.py", "throttle", "observability",
+    "oauth/test_oauth_e2e.py",
+    "relay/test_tls_pump.py", "relay/test_load.py", "relay/test_integrity.py",
+    "relay/test_lifecycle.py", "test_authserver.py", "test_authserver_attacks.py", "test_bench_quick.py",
+    "test_demo_backend.py", "test_error_log_targets.py", "test_master.py", "test_process_control.py",
+    "test_systemd_unit.py",
 }
-UNIT = {"tls/test_tls_context.py", "upstream_tls/test_machines.py", "reliability/test_machine_fuzz.py"}
+UNIT = {"tls/test_tls_context.py", "upstream_tls/test_machines.py", "reliability/test_machine_fuzz.py",
+        "throttle/test_zone.py"}
 SLOW = {"test_bench_quick.py", "test_quickstart.py", "relay/test_load.py", "reliability/test_capacity.py",
         "reliability/test_cuts.py", "reliability/test_faults.py", "edge/test_scale_out.py", "differential",
         "e2e/test_imap_parity.py", "e2e/test_pop3_parity.py", "e2e/test_smtp_parity.py", "conf/test_conf_cases.py"}

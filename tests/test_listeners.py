@@ -78,6 +78,7 @@ def test_dispatch_by_local_address_on_a_real_socket(servers, listener_set):
                 assert binding.route(accepted.getsockname())[1] is expected
 
 
+@pytest.mark.process
 def test_every_option_read_back(servers, listener_set):
     port = free_port()
     (server,) = servers(["127.0.0.1:%d backlog=37 rcvbuf=96k sndbuf=80k so_keepalive=7m:11:5"
@@ -105,6 +106,7 @@ def test_keepalive_parts_may_be_omitted(servers, listener_set):
     assert binding.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == default_idle
 
 
+@pytest.mark.process
 def test_default_backlog_is_511(servers, listener_set):
     port = free_port()
     listener_set.prepare(listeners.plan(servers(["127.0.0.1:%d" % port])))
@@ -152,6 +154,7 @@ def test_unix_socket_in_use_is_not_stolen(servers, listener_set, tmp_path):
         live.close()
 
 
+@pytest.mark.process
 def test_reload_keeps_reopens_and_closes(servers, listener_set):
     kept, dropped, added = free_port(), free_port(), free_port()
     first = listener_set.prepare(listeners.plan(servers(["127.0.0.1:%d" % kept],

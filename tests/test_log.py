@@ -84,6 +84,7 @@ def test_long_lines_cut_like_nginx(tmp_path):
     assert len(line) == errorlog.MAX_LINE and line.endswith(b"x\n")
 
 
+@pytest.mark.process  # a child's stderr
 def test_stderr_target():
     code = ("from mailproxy import log; "
             "log.ErrorLog((('stderr', 'notice'),)).log('notice', 'start worker processes')")
@@ -129,6 +130,7 @@ def test_missing_folder_is_an_open_error(tmp_path):
     assert not os.path.exists(tmp_path / "logs")
 
 
+@pytest.mark.process  # forks writers
 def test_processes_append_whole_lines(tmp_path):
     """Master and workers write one file; each line must land whole, none lost."""
     path = str(tmp_path / "error.log")

@@ -173,6 +173,7 @@ def test_directive(tmp_path, context, line, outcome):
 NGINX_CASES = [case for case in CASES if case[1].split()[0] not in NGINX_DIFFERS]
 
 
+@pytest.mark.peer  # Debian's nginx -t on the same line
 @pytest.mark.parametrize("context,line,outcome", NGINX_CASES, ids=[c[1] for c in NGINX_CASES])
 def test_same_as_nginx(tmp_path, context, line, outcome):
     if not os.path.exists(NGINX):

@@ -140,6 +140,7 @@ def ask(server, user, token, method="xoauth2", client="192.0.2.1"):
     return {k: v for k, v in reply.headers.items() if k.startswith("Auth-")}
 
 
+@pytest.mark.process
 def test_ok_maps_user_and_password(auth):
     assert ask(auth, "alice", issue()) == {
         "Auth-Status": "OK", "Auth-Server": "127.0.0.1", "Auth-Port": "1143", "Auth-User": "alice",
@@ -150,6 +151,7 @@ def test_ok_maps_user_and_password(auth):
     assert reply["Auth-User"] == "bob" and "Auth-Pass" not in reply
 
 
+@pytest.mark.process
 def test_refused_with_sasl_error_then_locked(auth):
     refused = ask(auth, "alice", issue(lifetime=-5), client="198.51.100.1")
     assert refused == {"Auth-Status": "invalid token", "Auth-Wait": "2",
@@ -161,11 +163,13 @@ def test_refused_with_sasl_error_then_locked(auth):
     assert issue(lifetime=-5) not in auth.log()
 
 
+@pytest.mark.process
 def test_passwords_unchanged_for_other_methods(auth):
     assert ask(auth, "alice", "wonderland", method="plain")["Auth-Status"] == "OK"
     assert ask(auth, "alice", issue(), method="plain", client="192.0.2.50")["Auth-Status"] != "OK"
 
 
+@pytest.mark.process
 def test_bad_key_option_stops_startup(tmp_path):
     with pytest.raises(RuntimeError, match="not a PEM public key"):
         AuthProcess(USERS, "--jwt-key", "{secret}", "--jwt-algorithms", "RS256")

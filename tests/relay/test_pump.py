@@ -144,6 +144,7 @@ def test_refused_pipe_size_leaks_nothing():
     assert open_fds() == before
 
 
+@pytest.mark.process
 def test_missing_extension_fails_loudly_unless_opted_out(tmp_path):
     # A sitecustomize that hides the extension, as a package without a compiled _splice would.
     (tmp_path / "sitecustomize.py").write_text(

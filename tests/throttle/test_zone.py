@@ -3,6 +3,8 @@
 import ipaddress
 import os
 
+import pytest
+
 from mailproxy import throttle
 from mailproxy.conf.settings import LoginLimit
 
@@ -58,6 +60,7 @@ def test_a_full_zone_still_counts_new_keys():
     assert lim.failed(fresh, now=6000.5)
 
 
+@pytest.mark.process
 def test_forked_process_counts_into_the_same_zone():
     lim = limiter(failures=3, delay=1.0)
     keys = lim.keys("192.0.2.1", b"")
