@@ -175,29 +175,67 @@ cdef extern from *:
         return 1;
     }
 
-    /* ssl_session_cache shared:name:size: a table of fixed slots in memory mapped before the workers
-       are forked, so every worker of a master (and of its reloads, which keep the zone) sees it. */
-    #define MP_SLOT_SIZE 2048
+    /* ssl_session_cache shared:name:size, mapped before the workers are forked, so every worker of a
+       master (and of its reloads, which keep the zone) sees it. Sessions are stored at their own length,
+       as nginx's slab stores them (a server-side session is 100-250 bytes of DER; one with a client
+       certificate, a kilobyte or two): an index of fixed entries found by hashing the session id, and
+       a ring that the DER is appended to. An entry whose bytes the ring has since written over is
+       stale and reused like an expired one; when the index is full where an id hashes to, the session
+       closest to expiry goes. The index takes 44% of the zone and has room for twice the sessions the
+       ring holds, so the ring decides: one MB holds about 3,900 sessions of 150 bytes, nginx's about
+       4,000. */
+    #define MP_ZONE_HEADER 64
+    #define MP_BYTES_PER_ENTRY 128  /* an index entry for every 128 bytes: half full at most, few probes */
+    #define MP_MAX_SESSION 4096  /* nginx's NGX_SSL_MAX_SESSION_SIZE: larger sessions are not kept */
     #define MP_PROBES 8
+    #define MP_MIN_ZONE (8 * 4096)
 
     typedef struct {
         volatile int lock;  /* the holder's pid, 0 when free */
-        unsigned int slots;
+        unsigned int entries;
+        unsigned long long ring_size;
+        unsigned long long written;  /* bytes ever appended to the ring */
     } mp_zone;
 
     typedef struct {
-        unsigned int used;
-        unsigned int id_len;
+        unsigned int id_len;  /* 0: free */
         unsigned int der_len;
-        unsigned int pad;
         long long expires;
+        unsigned long long pos;  /* where the DER starts, counted as `written` counts */
         unsigned char id[SSL_MAX_SSL_SESSION_ID_LENGTH];
-        unsigned char der[MP_SLOT_SIZE - 56];
-    } mp_slot;
+    } mp_entry;
 
-    static mp_slot *mp_slots(mp_zone *zone)
+    static mp_entry *mp_entries(mp_zone *zone)
     {
-        return (mp_slot *) ((char *) zone + MP_SLOT_SIZE);
+        return (mp_entry *) ((char *) zone + MP_ZONE_HEADER);
+    }
+
+    static unsigned char *mp_ring(mp_zone *zone)
+    {
+        return (unsigned char *) (mp_entries(zone) + zone->entries);
+    }
+
+    /* The entry's bytes are all still in the ring: nothing appended since has reached them. */
+    static int mp_intact(mp_zone *zone, mp_entry *entry)
+    {
+        return zone->written - entry->pos <= zone->ring_size;
+    }
+
+    static void mp_ring_copy(mp_zone *zone, unsigned long long pos, unsigned char *to, const unsigned char *from,
+                             unsigned int len)
+    {
+        unsigned char *ring = mp_ring(zone);
+        unsigned long long at = pos % zone->ring_size, first = zone->ring_size - at;
+        if (first > len) {
+            first = len;
+        }
+        if (to == NULL) {  /* into the ring */
+            memcpy(ring + at, from, first);
+            memcpy(ring, from + first, len - first);
+        } else {  /* out of it */
+            memcpy(to, ring + at, first);
+            memcpy(to + first, ring, len - first);
+        }
     }
 
     static void mp_zone_lock(mp_zone *zone)
@@ -233,14 +271,14 @@ cdef extern from *:
         return h;
     }
 
-    static mp_slot *mp_find(mp_zone *zone, const unsigned char *id, unsigned int len)
+    static mp_entry *mp_find(mp_zone *zone, const unsigned char *id, unsigned int len)
     {
-        mp_slot *slots = mp_slots(zone);
+        mp_entry *entries = mp_entries(zone);
         unsigned int h = mp_hash(id, len), i;
         for (i = 0; i < MP_PROBES; i++) {
-            mp_slot *slot = &slots[(h + i) % zone->slots];
-            if (slot->used && slot->id_len == len && memcmp(slot->id, id, len) == 0) {
-                return slot;
+            mp_entry *entry = &entries[(h + i) % zone->entries];
+            if (entry->id_len == len && memcmp(entry->id, id, len) == 0) {
+                return entry;
             }
         }
         return NULL;
@@ -254,19 +292,19 @@ cdef extern from *:
     static int mp_new_session(SSL *s, SSL_SESSION *sess)
     {
         mp_zone *zone = mp_zone_of(SSL_get_SSL_CTX(s));
-        unsigned char der[sizeof(((mp_slot *) 0)->der)], *p = der;
+        unsigned char der[MP_MAX_SESSION], *p = der;
         unsigned int len, h, i;
         const unsigned char *id;
-        long long now = (long long) time(NULL), oldest;
-        mp_slot *slots, *slot, *victim;
+        long long now = (long long) time(NULL), oldest = 0;
+        mp_entry *entries, *entry, *victim = NULL;
         int der_len;
 
         if (zone == NULL) {
             return 0;
         }
         der_len = i2d_SSL_SESSION(sess, NULL);
-        if (der_len <= 0 || der_len > (int) sizeof(der)) {
-            return 0;  /* too big for a slot (a long client certificate chain): not kept */
+        if (der_len <= 0 || der_len > MP_MAX_SESSION || (unsigned long long) der_len > zone->ring_size / 4) {
+            return 0;  /* too big to keep (a long client certificate chain), as nginx's */
         }
         i2d_SSL_SESSION(sess, &p);
         id = SSL_SESSION_get_id(sess, &len);
@@ -274,27 +312,26 @@ cdef extern from *:
             return 0;
         }
         mp_zone_lock(zone);
-        slots = mp_slots(zone);
+        entries = mp_entries(zone);
         h = mp_hash(id, len);
-        victim = NULL;
-        oldest = 0;
         for (i = 0; i < MP_PROBES; i++) {
-            slot = &slots[(h + i) % zone->slots];
-            if (!slot->used || slot->expires <= now
-                || (slot->id_len == len && memcmp(slot->id, id, len) == 0)) {
-                victim = slot;
+            entry = &entries[(h + i) % zone->entries];
+            if (entry->id_len == 0 || entry->expires <= now || !mp_intact(zone, entry)
+                || (entry->id_len == len && memcmp(entry->id, id, len) == 0)) {
+                victim = entry;
                 break;
             }
-            if (victim == NULL || slot->expires < oldest) {
-                victim = slot;  /* the table is full here: the session closest to expiry goes */
-                oldest = slot->expires;
+            if (victim == NULL || entry->expires < oldest) {
+                victim = entry;  /* the index is full here: the session closest to expiry goes */
+                oldest = entry->expires;
             }
         }
-        victim->used = 1;
+        mp_ring_copy(zone, zone->written, NULL, der, (unsigned int) der_len);
+        victim->pos = zone->written;
+        zone->written += (unsigned long long) der_len;
         victim->id_len = len;
         memcpy(victim->id, id, len);
         victim->der_len = (unsigned int) der_len;
-        memcpy(victim->der, der, der_len);
         victim->expires = (long long) SSL_SESSION_get_time(sess) + SSL_SESSION_get_timeout(sess);
         mp_zone_unlock(zone);
         return 0;
@@ -303,23 +340,23 @@ cdef extern from *:
     static SSL_SESSION *mp_get_session(SSL *s, const unsigned char *id, int len, int *copy)
     {
         mp_zone *zone = mp_zone_of(SSL_get_SSL_CTX(s));
-        unsigned char der[sizeof(((mp_slot *) 0)->der)];
+        unsigned char der[MP_MAX_SESSION];
         const unsigned char *p = der;
         unsigned int der_len = 0;
-        mp_slot *slot;
+        mp_entry *entry;
 
         *copy = 0;
         if (zone == NULL || len <= 0 || len > SSL_MAX_SSL_SESSION_ID_LENGTH) {
             return NULL;
         }
         mp_zone_lock(zone);
-        slot = mp_find(zone, id, (unsigned int) len);
-        if (slot != NULL) {
-            if (slot->expires > (long long) time(NULL)) {
-                der_len = slot->der_len;
-                memcpy(der, slot->der, der_len);
+        entry = mp_find(zone, id, (unsigned int) len);
+        if (entry != NULL) {
+            if (entry->expires > (long long) time(NULL) && mp_intact(zone, entry)) {
+                der_len = entry->der_len;
+                mp_ring_copy(zone, entry->pos, der, NULL, der_len);
             } else {
-                slot->used = 0;
+                entry->id_len = 0;
             }
         }
         mp_zone_unlock(zone);
@@ -331,20 +368,22 @@ cdef extern from *:
         mp_zone *zone = mp_zone_of(ctx);
         const unsigned char *id;
         unsigned int len;
-        mp_slot *slot;
+        mp_entry *entry;
 
         if (zone == NULL) {
             return;
         }
         id = SSL_SESSION_get_id(sess, &len);
         mp_zone_lock(zone);
-        slot = mp_find(zone, id, len);
-        if (slot != NULL) {
-            slot->used = 0;
+        entry = mp_find(zone, id, len);
+        if (entry != NULL) {
+            entry->id_len = 0;
         }
         mp_zone_unlock(zone);
     }
 
+    /* The smallest zone nginx accepts is 8 pages; an index entry for every MP_BYTES_PER_ENTRY bytes,
+       the ring the rest. */
     static mp_zone *mp_zone_map(size_t size)
     {
         void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -354,7 +393,9 @@ cdef extern from *:
         }
         zone = p;
         zone->lock = 0;
-        zone->slots = (unsigned int) (size / MP_SLOT_SIZE - 1);
+        zone->entries = (unsigned int) (size / MP_BYTES_PER_ENTRY);
+        zone->ring_size = size - MP_ZONE_HEADER - (unsigned long long) zone->entries * sizeof(mp_entry);
+        zone->written = 0;
         return zone;
     }
 
@@ -396,7 +437,8 @@ cdef extern from *:
         int count
         mp_ticket_key keys[1]
     ctypedef struct mp_zone:
-        unsigned int slots
+        unsigned int entries
+        unsigned long long ring_size
 
     SSL_CTX *mp_ctx_of(PyObject *o)
     SSL *mp_ssl_of(PyObject *o)
@@ -414,7 +456,7 @@ cdef extern from *:
     int mp_ssl_keep_index
     int mp_ctx_keys_index
     int mp_ctx_zone_index
-    int MP_SLOT_SIZE
+    int MP_MIN_ZONE
 
     unsigned long OpenSSL_version_num()
     const char *OpenSSL_version(int t)
@@ -604,8 +646,8 @@ cdef class SharedZone:
     cdef readonly size_t size
 
     def __cinit__(self, size_t size):
-        if size < 2 * MP_SLOT_SIZE:
-            raise ValueError("a shared session cache needs %d bytes at least" % (2 * MP_SLOT_SIZE))
+        if size < MP_MIN_ZONE:
+            raise ValueError("a shared session cache needs %d bytes at least" % MP_MIN_ZONE)
         self.zone = mp_zone_map(size)
         if self.zone == NULL:
             raise OSError("mmap(%d) failed" % size)
@@ -618,8 +660,8 @@ cdef class SharedZone:
 
     @property
     def sessions(self):
-        """How many sessions it holds at most."""
-        return self.zone.slots
+        """How many sessions its index holds at most (the ring may fill first with large sessions)."""
+        return self.zone.entries
 
 
 def session_id_context(context, bytes value):
