@@ -91,51 +91,67 @@ cdef extern from *:
         mp_keys_free(ctx, old, NULL, mp_ctx_keys_index, 0, NULL);
     }
 
+    static void mp_zone_lock(void *zone);
+    static void mp_zone_unlock(void *zone);
+    static void *mp_zone_of(SSL_CTX *ctx);
+    static int mp_rotate_ticket_keys(SSL_CTX *ctx, mp_ticket_key *current, mp_ticket_key *previous);
+
     static int mp_ticket_key_cb(SSL *s, unsigned char *name, unsigned char *iv,
                                 EVP_CIPHER_CTX *ectx, EVP_MAC_CTX *hctx, int enc)
     {
-        mp_ticket_keys *keys = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(s), mp_ctx_keys_index);
+        SSL_CTX *ctx = SSL_get_SSL_CTX(s);
+        mp_ticket_keys *configured = SSL_CTX_get_ex_data(ctx, mp_ctx_keys_index);
+        mp_ticket_key shared[2], *keys, *key;
         const EVP_CIPHER *cipher;
-        mp_ticket_key *key;
         OSSL_PARAM params[2];
-        int i;
+        int count, i, result = 1;
 
-        if (keys == NULL) {
-            return 0;
+        if (configured != NULL) {
+            keys = configured->keys;
+            count = configured->count;
+        } else {
+            /* No key files: the shared zone's keys, made and rotated there. */
+            if (!mp_rotate_ticket_keys(ctx, &shared[0], &shared[1])) {
+                return -1;
+            }
+            keys = shared;
+            count = 2;
         }
         params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, "SHA256", 0);
         params[1] = OSSL_PARAM_construct_end();
         if (enc == 1) {
-            key = &keys->keys[0];
+            key = &keys[0];
             cipher = key->size == 48 ? EVP_aes_128_cbc() : EVP_aes_256_cbc();
             if (RAND_bytes(iv, EVP_CIPHER_get_iv_length(cipher)) != 1
                 || EVP_EncryptInit_ex(ectx, cipher, NULL, key->aes_key, iv) != 1
                 || EVP_MAC_init(hctx, key->hmac_key, key->size == 48 ? 16 : 32, params) != 1) {
-                return -1;
+                result = -1;
+            } else {
+                memcpy(name, key->name, 16);
             }
-            memcpy(name, key->name, 16);
-            return 1;
-        }
-        for (i = 0; i < keys->count; i++) {
-            if (memcmp(name, keys->keys[i].name, 16) == 0) {
-                break;
+        } else {
+            for (i = 0; i < count; i++) {
+                if (memcmp(name, keys[i].name, 16) == 0) {
+                    break;
+                }
+            }
+            if (i == count) {
+                result = 0;  /* unknown key: a full handshake */
+            } else {
+                key = &keys[i];
+                cipher = key->size == 48 ? EVP_aes_128_cbc() : EVP_aes_256_cbc();
+                if (EVP_MAC_init(hctx, key->hmac_key, key->size == 48 ? 16 : 32, params) != 1
+                    || EVP_DecryptInit_ex(ectx, cipher, NULL, key->aes_key, iv) != 1) {
+                    result = -1;
+                } else if (SSL_version(s) == TLS1_3_VERSION || i != 0) {
+                    /* A new ticket for TLS 1.3 (single use), and under the current key for a ticket
+                       made with an older one, as nginx does. */
+                    result = 2;
+                }
             }
         }
-        if (i == keys->count) {
-            return 0;  /* unknown key: a full handshake */
-        }
-        key = &keys->keys[i];
-        cipher = key->size == 48 ? EVP_aes_128_cbc() : EVP_aes_256_cbc();
-        if (EVP_MAC_init(hctx, key->hmac_key, key->size == 48 ? 16 : 32, params) != 1
-            || EVP_DecryptInit_ex(ectx, cipher, NULL, key->aes_key, iv) != 1) {
-            return -1;
-        }
-        /* A new ticket for TLS 1.3 (single use), and under the current key for a ticket made with an
-           older one, as nginx does. */
-        if (SSL_version(s) == TLS1_3_VERSION || i != 0) {
-            return 2;
-        }
-        return 1;
+        OPENSSL_cleanse(shared, sizeof(shared));
+        return result;
     }
 
     /* ALPN: nginx's ngx_mail_ssl_alpn_select(); a client whose list lacks the protocol is refused with
@@ -184,17 +200,25 @@ cdef extern from *:
        closest to expiry goes. The index takes 44% of the zone and has room for twice the sessions the
        ring holds, so the ring decides: one MB holds about 3,900 sessions of 150 bytes, nginx's about
        4,000. */
-    #define MP_ZONE_HEADER 64
+    #define MP_ZONE_HEADER 512
     #define MP_BYTES_PER_ENTRY 128  /* an index entry for every 128 bytes: half full at most, few probes */
     #define MP_MAX_SESSION 4096  /* nginx's NGX_SSL_MAX_SESSION_SIZE: larger sessions are not kept */
     #define MP_PROBES 8
     #define MP_MIN_ZONE (8 * 4096)
+
+    /* Ticket keys kept in the zone when no ssl_session_ticket_key is given (nginx 1.23.2's): the
+       current key encrypts, the previous one still decrypts, the next one is ready. */
+    typedef struct {
+        mp_ticket_key key;
+        long long expire;  /* 0: not made yet */
+    } mp_zone_key;
 
     typedef struct {
         volatile int lock;  /* the holder's pid, 0 when free */
         unsigned int entries;
         unsigned long long ring_size;
         unsigned long long written;  /* bytes ever appended to the ring */
+        mp_zone_key ticket_keys[3];  /* current, previous, next */
     } mp_zone;
 
     typedef struct {
@@ -204,6 +228,8 @@ cdef extern from *:
         unsigned long long pos;  /* where the DER starts, counted as `written` counts */
         unsigned char id[SSL_MAX_SSL_SESSION_ID_LENGTH];
     } mp_entry;
+
+    typedef char mp_zone_header_fits[sizeof(mp_zone) <= MP_ZONE_HEADER ? 1 : -1];
 
     static mp_entry *mp_entries(mp_zone *zone)
     {
@@ -238,8 +264,9 @@ cdef extern from *:
         }
     }
 
-    static void mp_zone_lock(mp_zone *zone)
+    static void mp_zone_lock(void *shared)
     {
+        mp_zone *zone = shared;
         int me = (int) getpid();
         unsigned int spins = 0;
         for (;;) {
@@ -257,8 +284,9 @@ cdef extern from *:
         }
     }
 
-    static void mp_zone_unlock(mp_zone *zone)
+    static void mp_zone_unlock(void *shared)
     {
+        mp_zone *zone = shared;
         __atomic_store_n(&zone->lock, 0, __ATOMIC_RELEASE);
     }
 
@@ -284,9 +312,61 @@ cdef extern from *:
         return NULL;
     }
 
-    static mp_zone *mp_zone_of(SSL_CTX *ctx)
+    static void *mp_zone_of(SSL_CTX *ctx)
     {
         return SSL_CTX_get_ex_data(ctx, mp_ctx_zone_index);
+    }
+
+    static int mp_random_key(mp_zone_key *slot)
+    {
+        unsigned char buf[80];
+        if (RAND_bytes(buf, 80) != 1) {
+            return 0;
+        }
+        slot->key.size = 80;
+        memcpy(slot->key.name, buf, 16);
+        memcpy(slot->key.hmac_key, buf + 16, 32);
+        memcpy(slot->key.aes_key, buf + 48, 32);
+        OPENSSL_cleanse(buf, sizeof(buf));
+        return 1;
+    }
+
+    /* nginx's ngx_ssl_rotate_ticket_keys(): the current key must outlive every ticket it encrypts
+       (its expiry moves to now + ssl_session_timeout at each use); once the previous key can no longer
+       be needed, the previous becomes the current, the current the next, and a new next is made. The
+       keys live in the zone, so every worker of the master uses the same ones, and a reload keeps them
+       with the zone. Copies for this handshake go to ``current`` and ``previous``. */
+    static int mp_rotate_ticket_keys(SSL_CTX *ctx, mp_ticket_key *current, mp_ticket_key *previous)
+    {
+        mp_zone *zone = mp_zone_of(ctx);
+        mp_zone_key *keys;
+        long long now = (long long) time(NULL), expire = now + SSL_CTX_get_timeout(ctx);
+        int ok = 1;
+
+        if (zone == NULL) {
+            return 0;
+        }
+        mp_zone_lock(zone);
+        keys = zone->ticket_keys;
+        if (keys[0].expire == 0) {
+            ok = mp_random_key(&keys[0]) && mp_random_key(&keys[2]);
+            keys[0].expire = expire;
+            keys[2].expire = 0;
+            keys[1] = keys[0];  /* no previous key yet: the current one stands in */
+        }
+        if (ok && keys[1].expire < now) {
+            keys[1] = keys[0];
+            keys[0] = keys[2];
+            ok = mp_random_key(&keys[2]);
+            keys[2].expire = 0;
+        }
+        if (expire > keys[0].expire) {
+            keys[0].expire = expire;
+        }
+        *current = keys[0].key;
+        *previous = keys[1].key;
+        mp_zone_unlock(zone);
+        return ok;
     }
 
     static int mp_new_session(SSL *s, SSL_SESSION *sess)
@@ -668,6 +748,15 @@ def session_id_context(context, bytes value):
     cdef SSL_CTX *ctx = _ctx(context)
     if SSL_CTX_set_session_id_context(ctx, value, len(value)) != 1:
         raise BridgeError("SSL_CTX_set_session_id_context() failed" + _errors())
+
+
+def shared_ticket_keys(context):
+    """Tickets under keys kept in the context's shared session cache, as nginx does without
+    ssl_session_ticket_key: made once, rotated there, the same in every worker and after a reload."""
+    cdef SSL_CTX *ctx = _ctx(context)
+    if SSL_CTX_get_ex_data(ctx, mp_ctx_zone_index) == NULL:
+        raise ValueError("no shared session cache on this context")
+    SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, mp_ticket_key_cb)
 
 
 def ticket_keys(context, keys):

@@ -8,8 +8,8 @@ for `-t`) before any worker is forked, so:
 * key files are read as root, before workers drop to `user`;
 * session tickets resume across workers: without `ssl_session_ticket_key`, OpenSSL makes a context's
   ticket keys when the context is created, and every worker forked from the master holds a copy of the
-  same context, hence the same keys. They change at each reload (new contexts); nginx's change too
-  unless a shared cache holds them;
+  same context, hence the same keys. They change at each reload (new contexts), unless a shared cache
+  holds them (below), as nginx's;
 * a shared session cache is mapped before the fork, so that every worker sees one.
 
 nginx's semantics come from OpenSSL itself, through mailproxy/_openssl.pyx (the bridge): it reaches the
@@ -21,7 +21,10 @@ and mailproxy use one libssl and the object layout it expects. With the bridge:
   memory mapped in the master before the workers are forked and kept across reloads while its name and
   size stay, so every worker of the master resumes every session (see SharedZone for its sizing).
 * `ssl_session_ticket_key` installs nginx's 48- and 80-byte keys (the first encrypts, all decrypt), so
-  tickets survive restarts and resume on every node sharing the files.
+  tickets survive restarts and resume on every node sharing the files. Without it, a server with a
+  shared cache keeps its ticket keys in the zone and rotates them there, as nginx 1.23.2 and later do:
+  the current key encrypts until ssl_session_timeout after its last ticket, the previous one still
+  decrypts, and tickets survive reloads.
 * `ssl_verify_client` lets the handshake finish whatever the verification says and reads the result
   afterwards, as nginx does: a refused certificate gets the protocol's `SSL certificate error` reply,
   `optional_no_ca` passes certificates from unknown CAs on, `Auth-SSL-Verify` carries `FAILED:reason`.
@@ -274,6 +277,7 @@ def _set_curves(ctx, curves):
 def _set_sessions(ctx, server, pairs):
     """ssl_session_cache, ssl_session_timeout, ssl_session_ticket_key and the session id context."""
     cache = server.ssl_session_cache
+    zone = None
     if cache in ("off", "none"):
         openssl.bridge.session_cache(ctx, cache, timeout=server.ssl_session_timeout)
     else:
@@ -289,6 +293,8 @@ def _set_sessions(ctx, server, pairs):
     keys = [_read_ticket_key(path) for path in server.ssl_session_ticket_key]
     if keys:
         openssl.bridge.ticket_keys(ctx, keys)
+    elif zone is not None and server.ssl_session_tickets:
+        openssl.bridge.shared_ticket_keys(ctx)
 
 
 def _shared_zone(name, size):

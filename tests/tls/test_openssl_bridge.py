@@ -197,6 +197,29 @@ def test_ticket_keys_shared_across_masters_and_rotated(pki, mailproxy_master, tm
             assert (b"\nReused, " in again.stdout) is expected, (version, name, again.stdout)
 
 
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+def test_tickets_without_key_files_survive_a_reload_with_a_shared_cache(pki, mailproxy_master, tmp_path, version):
+    """Without ssl_session_ticket_key, a server with a shared cache keeps its ticket keys in the zone
+    (nginx 1.23.2 and later): the same in every worker, kept by a reload. With a builtin cache the keys
+    are the context's own, new after a reload. The caches themselves hold nothing here (`none` beside
+    the shared one would not do: tickets are what resumes)."""
+    ports = {"shared": free_port(), "builtin": free_port()}
+    master = started(mailproxy_master, imap_servers(pki, ports, {
+        "shared": "ssl_session_cache shared:TICKETS:1m;",
+        "builtin": "ssl_session_cache builtin;",
+    }, main="worker_processes 2;"))
+    saved = {}
+    for name in ports:
+        saved[name] = str(tmp_path / ("ticket-%s%s" % (name, version)))
+        first = s_client(pki, ports[name], "-sess_out", saved[name], version)
+        assert greeted(first) and b"\nNew, " in first.stdout
+        assert b"TLS session ticket:" in first.stdout  # a ticket, not only a session id
+    master.reload()
+    again = {name: s_client(pki, ports[name], "-sess_in", saved[name], version) for name in ports}
+    assert b"\nReused, " in again["shared"].stdout, again["shared"].stdout
+    assert b"\nNew, " in again["builtin"].stdout, again["builtin"].stdout
+
+
 def test_ticket_key_survives_restart(pki, mailproxy_master, tmp_path):
     key = tmp_path / "ticket.key"
     key.write_bytes(os.urandom(80))
