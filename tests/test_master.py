@@ -9,19 +9,8 @@ import threading
 
 import pytest
 
-from support.harness import (
-    ROOT,
-    children,
-    cmdline,
-    free_port,
-    imap_config,
-    imap_session,
-    pid_alive,
-    read_line,
-    read_to_close,
-    wait_for,
-    wait_pid_exit,
-)
+from support.harness import (ROOT, children, cmdline, free_port, imap_config, imap_session, pid_alive, read_line,
+                             read_to_close, wait_for, wait_pid_exit)
 
 NOTICE = "error_log logs/error.log notice;"
 INFO = "error_log logs/error.log info;"

@@ -18,17 +18,8 @@ import pytest
 
 import mailproxy.cli
 
-from support.harness import (
-    ROOT,
-    cmdline,
-    free_port,
-    imap_config,
-    imap_session,
-    pid_alive,
-    read_line,
-    read_to_close,
-    wait_for,
-)
+from support.harness import (ROOT, cmdline, free_port, imap_config, imap_session, pid_alive, read_line, read_to_close,
+                             wait_for)
 
 NOTICE = "error_log logs/error.log notice;"
 BYE = b"* OK IMAP4 ready\r\n* BYE\r\na OK completed\r\n"

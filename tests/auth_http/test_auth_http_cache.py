@@ -16,6 +16,7 @@ from mailproxy.auth_http import request
 from mailproxy.auth_http.cache import AuthCache, cache_for
 from mailproxy.auth_http.response import AuthFail, AuthOk
 from mailproxy.conf import load_config
+
 from support.authhttp import attempt, settings
 
 URL = SimpleNamespace(host_header="127.0.0.1", uri="/auth", sockaddr=("127.0.0.1", 9), family=socket.AF_INET,

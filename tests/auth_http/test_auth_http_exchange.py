@@ -17,7 +17,9 @@ from mailproxy.auth_http import client as client_module
 from mailproxy.auth_http import request
 from mailproxy.auth_http.client import AuthHttpClient, close_pools
 from mailproxy.auth_http.response import AuthHttpError
+
 from support.authhttp import OK_REPLY, Answer, attempt, keepalive_answer, settings, url_for
+from support.servers import TcpServer
 
 PASSWORD = b"pa55-word"
 WAIT = 10.0  # for a thread's event: the test fails rather than hangs
@@ -35,51 +37,18 @@ def build(conf, login=b"alice"):
     return request.build(conf, attempt(login=login, password=PASSWORD), "imap", "127.0.0.1")
 
 
-class Scripted:
-    """A listener whose connections run ``script(conn)`` in a thread each; records their requests."""
+class Scripted(TcpServer):
+    """A listener whose connections run ``script(conn)`` in a thread each (an OSError there is the
+    client closing first: what some tests provoke)."""
 
     def __init__(self, script):
         self.script = script
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        super().__init__()
         self.url = SimpleNamespace(host_header="127.0.0.1", uri="/auth", sockaddr=("127.0.0.1", self.port),
                                    family=socket.AF_INET, peer="127.0.0.1:%d" % self.port)
-        self.connections = 0
-        self.conns = []
-        self.threads = []
-        self.accepting = threading.Thread(target=self._accept, daemon=True)
-        self.accepting.start()
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self.conns.append(conn)
-            thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def _run(self, conn):
-        with conn:
-            try:
-                self.script(conn)
-            except OSError:
-                pass  # the client closed first: what some tests provoke
-
-    def close(self):
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self.accepting.join(WAIT)
-        for conn in self.conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)  # wakes a script still reading
-            except OSError:
-                pass  # closed already
-        for thread in self.threads:
-            thread.join(WAIT)
+    def serve_connection(self, conn):
+        self.script(conn)
 
 
 @pytest.fixture
@@ -208,7 +177,7 @@ def test_a_kept_alive_body_that_comes_after_the_reply(scripted):
         gevent.sleep(0.01)
     assert len(pool) == 1
     assert AuthHttpClient(conf).ask(build(conf)).status == b"OK"
-    assert server.connections == 1
+    assert server.accepted == 1
 
 
 @pytest.mark.parametrize("rest", [b"hel", b"hello, and more"], ids=["cut-short", "overlong"])
@@ -234,7 +203,7 @@ def test_a_kept_alive_body_that_does_not_match_its_length_retires_the_connection
     gevent.sleep(0.5)
     assert len(pool) == 0
     assert AuthHttpClient(conf).ask(build(conf)).status == b"OK"
-    assert server.connections == 2
+    assert server.accepted == 2
 
 
 def test_a_request_larger_than_the_socket_buffers(auth_server):

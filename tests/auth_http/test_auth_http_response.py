@@ -3,11 +3,11 @@
 import socket
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from mailproxy.auth_http.response import (
-    AuthError, AuthFail, AuthHttpError, AuthOk, AuthReply, AuthRetry, ReplyParser, decide, parse,
-)
+from mailproxy.auth_http.response import (AuthError, AuthFail, AuthHttpError, AuthOk, AuthReply, AuthRetry, ReplyParser,
+                                          decide, parse)
 
 PEER = "127.0.0.1:9000"
 OK = b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 143\r\n"

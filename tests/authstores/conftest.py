@@ -7,12 +7,10 @@ A missing server binary skips these tests, except under CI=true where it fails.
 
 import importlib.util
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 import requests
@@ -22,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 from support import store_servers
 from support.auth_stores import PORTS, ini, users
-from support.harness import free_port, missing
+from support.harness import free_port, missing, terminate, wait_listening
 
 
 def require(path):
@@ -195,16 +193,11 @@ class AuthServer:
                  "--listen", "127.0.0.1:%d" % self.port, "--access-log", self.access_log, *options],
                 stdin=subprocess.DEVNULL, stderr=stderr)
         self.session = requests.Session()
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("mailproxy-auth did not start: %s" % self.stderr())
-                time.sleep(0.02)
+        try:
+            wait_listening(self.port, self.process, "mailproxy-auth", 20)
+        except AssertionError:
+            self.stop()
+            raise RuntimeError("mailproxy-auth did not start: %s" % self.stderr()) from None
 
     def write_config(self, text):
         with open(self.config + ".new", "w") as out:
@@ -235,9 +228,7 @@ class AuthServer:
 
     def stop(self):
         self.session.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        terminate(self.process)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ Examples per test default to a modest number so the suite stays fast; HYPOTHESIS
 import io
 import os
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailproxy.conf import ConfigError, check, load_config
 from mailproxy.conf.directives import DIRECTIVES

@@ -8,16 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailproxy.proxy_protocol import (  # noqa: E402
-    PEEK_SIZE,
-    V2_SIGNATURE,
-    BrokenHeader,
-    ProxyHeader,
-    header_v1,
-    header_v2,
-    parse,
-    trusted,
-)
+from mailproxy.proxy_protocol import (PEEK_SIZE, V2_SIGNATURE, BrokenHeader, ProxyHeader, header_v1,  # noqa: E402
+                                      header_v2, parse, trusted)
 
 
 def broken_message(data):

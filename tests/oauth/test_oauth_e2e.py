@@ -13,17 +13,8 @@ import subprocess
 import pytest
 
 from support.backends import USERS
-from support.oauthkit import (
-    BEARER_ERROR,
-    AuthProcess,
-    IntrospectionEndpoint,
-    Wire,
-    free_port,
-    issue,
-    oauthbearer,
-    require_curl,
-    xoauth2,
-)
+from support.oauthkit import (BEARER_ERROR, AuthProcess, IntrospectionEndpoint, Wire, free_port, issue, oauthbearer,
+                              require_curl, xoauth2)
 
 SERVERS = ("imap", "imapx", "pop3", "smtp", "imap5", "pop35", "smtp5", "pop3narrow")
 # ~1 KiB, as issuers that put roles and names in their access tokens make them.

@@ -10,13 +10,8 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from mailproxy.authserver.tokens import (  # noqa: E402
-    Introspection,
-    JwtVerifier,
-    TokenChecker,
-    TokenRefused,
-    TokenUnavailable,
-)
+from mailproxy.authserver.tokens import (Introspection, JwtVerifier, TokenChecker, TokenRefused,  # noqa: E402
+                                         TokenUnavailable)
 
 from support.oauthkit import SECRET, AuthProcess, IntrospectionEndpoint, free_port, issue
 

@@ -10,12 +10,13 @@ import types
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from imap_cases.cases import CASES
 from imap_cases.helpers import ALL, SALT, bad, ok
 from imap_cases.sasl_cases import SASL_CASES
+
 from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
 from mailproxy.protocol.imap import ImapConfig, ImapMachine, State
+
 from support import nginxref
 from support.harness import free_port, missing
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from mailproxy.protocol import sasl
 from mailproxy.protocol.common import AuthAttempt, Authenticate, Close, Log, Send, StartTLS
 from mailproxy.protocol.smtp import SmtpConfig, SmtpMachine, State
+
 from support import nginxref
 from support.harness import free_port, missing
 

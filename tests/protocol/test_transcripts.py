@@ -6,7 +6,6 @@ change of bytes is intended (then record anew, see transcripts.py, and say so in
 """
 
 import pytest
-
 import transcripts
 
 

@@ -4,9 +4,8 @@ import time
 
 import pytest
 
-from support.procstate import Watch
-
 from .conftest import RESET_ENDS, drain, send_payload
+from support.procstate import Watch
 
 
 def test_slow_reader_under_fast_writer(make_proxy, mode):

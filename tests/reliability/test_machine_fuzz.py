@@ -8,7 +8,8 @@ STARTTLS); after Close the machine is silent. HYPOTHESIS_EXAMPLES raises the exa
 
 import base64
 
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from mailproxy.auth_http.response import AuthHttpError, AuthReply, ReplyParser

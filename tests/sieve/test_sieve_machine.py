@@ -7,10 +7,11 @@ one byte string, since a cut can only change how replies are grouped, never what
 import base64
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
-from mailproxy.protocol.sieve import SieveConfig, SieveMachine, parse_line, Kind, string
+from mailproxy.protocol.sieve import Kind, SieveConfig, SieveMachine, parse_line, string
 from mailproxy.upstream.common import Failed, LoggedIn, LogPhase
 from mailproxy.upstream.sieve import SieveUpstreamLogin, response_end
 

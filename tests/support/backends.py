@@ -12,20 +12,9 @@ import os
 import pytest
 
 from support.harness import missing
-from tools.localmail import (  # re-exported: the tests import them from here
-    DOVECOT,
-    MAIL_DOMAIN,
-    MAIL_USER,
-    MANAGESIEVE,
-    POSTFIX,
-    START_TIMEOUT,
-    USERS,
-    Dovecot,
-    Postfix,
-    free_port,
-    read_log,
-    wait_for_log,
-)
+from tools.localmail import (DOVECOT, MAIL_DOMAIN, MAIL_USER,  # re-exported: the tests import them from here
+                             MANAGESIEVE, POSTFIX, START_TIMEOUT, USERS, Dovecot, Postfix, free_port, read_log,
+                             wait_for_log)
 
 __all__ = [
     "DOVECOT", "MAIL_DOMAIN", "MAIL_USER", "MANAGESIEVE", "POSTFIX", "START_TIMEOUT", "USERS", "Dovecot",

@@ -195,6 +195,18 @@ def wait_listening(port, process, what, timeout=20.0):
     wait_for(accepts, timeout, "%s to listen" % what)
 
 
+def terminate(process, timeout=10.0):
+    """Stop a process the test started: SIGTERM, then SIGKILL if it is still there after ``timeout``."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_pid_exit(pid, timeout=10.0):
     try:
         fd = os.pidfd_open(pid)

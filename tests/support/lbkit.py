@@ -4,10 +4,11 @@ Readiness and node state come from haproxy's own stats socket ("show stat"), nev
 """
 
 import os
-import signal
 import socket
 import subprocess
 import time
+
+from support.harness import terminate
 
 HAPROXY = "/usr/sbin/haproxy"
 
@@ -66,13 +67,7 @@ class Haproxy:
         return self
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
     def command(self, text):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:

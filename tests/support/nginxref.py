@@ -7,11 +7,12 @@ after reading what the server had to say, and returns everything the server sent
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
+
+from support.harness import terminate
 
 NGINX = "/usr/sbin/nginx"
 MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
@@ -55,13 +56,7 @@ class NginxMail:
         return self
 
     def __exit__(self, *exc):
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         if self.process:
             self.process.stderr.close()
         shutil.rmtree(self.prefix, ignore_errors=True)

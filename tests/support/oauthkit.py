@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 
 import jwt
 
-from support.harness import missing
+from support.harness import missing, terminate, wait_listening
 from tools.ports import free_port
 
 SECRET = b"correct horse battery staple, long enough for HS512 as RFC 7518 3.2 asks of it"
@@ -73,17 +73,12 @@ class AuthProcess:
                  "--listen", "127.0.0.1:%d" % self.port, "--access-log", self.access_log, *options],
                 stdin=subprocess.DEVNULL, stderr=stderr,
             )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    why = self.stderr()
-                    self.stop()
-                    raise RuntimeError("mailproxy-auth did not start: %s" % why)
-                time.sleep(0.02)
+        try:
+            wait_listening(self.port, self.process, "mailproxy-auth", READY_TIMEOUT)
+        except AssertionError:
+            why = self.stderr()
+            self.stop()
+            raise RuntimeError("mailproxy-auth did not start: %s" % why) from None
 
     @property
     def url(self):
@@ -98,9 +93,7 @@ class AuthProcess:
             return log.read()
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        terminate(self.process)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -2,8 +2,8 @@
 
 ``TcpServer`` listens on 127.0.0.1 (a free port) before its constructor returns, so a connect can never
 race its start; each connection runs ``serve_connection(conn)`` on its own thread, and ``close()`` stops
-accepting (shutdown() wakes the accept; close() alone would leave the port answering) and closes the
-connections still open.
+accepting (shutdown() wakes the accept; close() alone would leave the port answering) and shuts the
+connections still open down, which wakes their threads.
 """
 
 import socket
@@ -32,7 +32,10 @@ class TcpServer:
         self.listener.close()
         self.thread.join(5)
         for conn in list(self.connections):
-            conn.close()
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a connection's thread still reading
+            except OSError:
+                pass  # closed already
 
     def __enter__(self):
         return self

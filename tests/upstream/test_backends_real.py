@@ -10,14 +10,8 @@ import time
 import pytest  # noqa: E402
 
 from mailproxy.proxy_protocol import header  # noqa: E402
-from mailproxy.upstream import (  # noqa: E402
-    Failed,
-    ImapUpstreamLogin,
-    LoggedIn,
-    Pop3UpstreamLogin,
-    Send,
-    SmtpUpstreamLogin,
-)
+from mailproxy.upstream import (Failed, ImapUpstreamLogin, LoggedIn, Pop3UpstreamLogin, Send,  # noqa: E402
+                                SmtpUpstreamLogin)
 
 from support.backends import USERS, require, wait_for_log
 
