@@ -12,7 +12,7 @@ from mailproxy.tls import openssl
 
 from support.authserver import RecordingAuthServer
 from support.backends import USERS
-from support.harness import free_port, mail_config
+from support.harness import free_port, mail_config, missing
 from support.servers import TcpServer
 
 WAIT = 20.0
@@ -54,6 +54,12 @@ class TlsImapBackend(TcpServer):
 
 
 @pytest.fixture
+def bridge():
+    if openssl.bridge is None:
+        missing("the OpenSSL bridge (%s)" % openssl.bridge_off_reason)
+
+
+@pytest.fixture
 def tls_backend(backend_pki):
     backend = TlsImapBackend(backend_pki["server.pem"], backend_pki["server.key"])
     try:
@@ -75,8 +81,7 @@ def login_logout(port):
     assert imap.logout()[0] == "BYE"
 
 
-@pytest.mark.skipif(openssl.bridge is None, reason="the OpenSSL bridge is off here")
-def test_commands_reach_the_backend_context(mailproxy_master, tls_backend):
+def test_commands_reach_the_backend_context(mailproxy_master, tls_backend, bridge):
     auth = RecordingAuthServer(USERS, {"imap": ("127.0.0.1", tls_backend.port)})
     try:
         port = free_port()
@@ -92,8 +97,7 @@ def test_commands_reach_the_backend_context(mailproxy_master, tls_backend):
     assert tls_backend.versions == ["TLSv1.3", "TLSv1.2"]
 
 
-@pytest.mark.skipif(openssl.bridge is None, reason="the OpenSSL bridge is off here")
-def test_a_bad_command_fails_the_test_with_openssl_reason(mailproxy_master):
+def test_a_bad_command_fails_the_test_with_openssl_reason(mailproxy_master, bridge):
     master = mailproxy_master(edge_config(type("Auth", (), {"url": "127.0.0.1:9/auth"}), free_port(),
                                           [("NoSuchCommand", "x")]), handler=None, start=False)
     result = master.cli("-t")
