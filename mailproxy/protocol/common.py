@@ -276,7 +276,10 @@ class Machine:
 
     def tls_established(self):
         """The handshake after STARTTLS is done: a new start, with TLS. The session reports a handshake
-        only after StartTLS: a call out of turn is a bug and raises, as ``auth_failed``'s does."""
+        only after StartTLS: a call out of turn is a bug and raises, as ``auth_failed``'s does (but for a
+        client that left meanwhile)."""
+        if self.state is State.CLOSED:
+            return []  # the client left while the handshake ran: nothing to tell it
         if self.state is not State.STARTING_TLS:
             raise RuntimeError("tls_established() without STARTTLS (state %s)" % self.state.name)
         self.tls = True
@@ -486,6 +489,7 @@ class Parsed:
     sync_literals: int = 0  # IMAP: synchronising literal headers passed (each owes the client a "+ OK")
     close: bool = False  # an invalid line announcing a literal whose bytes cannot be told from commands
     wait_for: int = 0  # INCOMPLETE: where the LF that may complete the command can be (a literal's end)
+    quote_open: bool = False  # IMAP: a quoted string ended with its line, still open for the next one
 
 
 class LiteralMachine(Machine):

@@ -9,7 +9,7 @@ greeting, drops it when an ``Authenticate`` comes out, and arms it anew after an
 from dataclasses import dataclass
 
 from . import sasl
-from .common import (EXCHANGE_STATES, RESPONSE_STATES, AuthAttempt, Authenticate, LiteralMachine, Log, Send,
+from .common import (EXCHANGE_STATES, RESPONSE_STATES, AuthAttempt, Authenticate, Kind, LiteralMachine, Log, Send,
                      ServerConfig, State, responses, too_long)
 from .imap_parse import parse_line
 
@@ -90,7 +90,7 @@ class ImapMachine(LiteralMachine):
     being handled, which every tagged reply, and the backend login's, answers under.
     """
 
-    __slots__ = ("tag", "client_fields")
+    __slots__ = ("tag", "client_fields", "_quote_open")
 
     _LITERAL_GO_AHEAD = LITERAL_GO_AHEAD
 
@@ -98,13 +98,17 @@ class ImapMachine(LiteralMachine):
         LiteralMachine.__init__(self, config, tls, salt)
         self.tag = b""  # tag of the command being handled or authenticating (no trailing space)
         self.client_fields = ()  # imap_client_id: the last ID's (name, value | None) pairs, bounded
+        self._quote_open = False  # a quoted string cut by its line end, open for the next lines (nginx's)
 
     def _parse(self, limit):
         if self.state in RESPONSE_STATES:
-            return parse_line(self._buffer, limit, True)
-        parsed = parse_line(self._buffer, limit, False, self.config.client_id)
-        # Replies to this command, a refusal of a bad or too long one included, go under its tag.
-        self.tag = parsed.tag if parsed.tag is not None else NO_TAG
+            parsed = parse_line(self._buffer, limit, True, quote_open=self._quote_open)
+        else:
+            parsed = parse_line(self._buffer, limit, False, self.config.client_id, self._quote_open)
+            # Replies to this command, a refusal of a bad or too long one included, go under its tag.
+            self.tag = parsed.tag if parsed.tag is not None else NO_TAG
+        if parsed.kind is not Kind.INCOMPLETE:
+            self._quote_open = parsed.quote_open  # what the next line starts with
         return parsed
 
     def _prefix(self) -> bytes:

@@ -1,9 +1,15 @@
 """The IMAP command tokenizer (spec 2.1), a pure function over the bytes of one buffered command.
 
 ``parse_line`` always starts at the head of the buffer and scans at most ``limit`` bytes, so the answer
-depends only on those bytes: feeding a command whole or byte by byte gives the same result. The machine
-only calls it again when something that can change the answer arrived (an LF, or the rest of a literal),
-which keeps the rescanning linear in practice.
+depends only on those bytes and on what the command before left open: feeding a command whole or byte by
+byte gives the same result. The machine only calls it again when something that can change the answer
+arrived (an LF, or the rest of a literal), which keeps the rescanning linear in practice.
+
+Two states of nginx's parser outlive a line, and the tokenizer keeps both, as the bytes on the wire
+depend on them. A quoted string that a line end cuts leaves nginx "inside quotes" for the commands that
+follow until a quote closes it or a line fails to parse (spec 2.1's quirk): there a space does not end an
+argument and a backslash escapes, even in one that did not start with a quote. And a line inside an
+AUTHENTICATE exchange is read from its first byte as one argument, quotes and braces as plain data.
 """
 
 from .common import Kind, Parsed
@@ -29,16 +35,26 @@ ID = b"ID"  # RFC 2971, only with imap_client_id (ours)
 VERBS_WITH_ID = VERBS | {ID}
 
 
-def parse_line(buf: bytes, limit: int, continuation: bool, client_id: bool = False) -> Parsed:
+def parse_line(buf: bytes, limit: int, continuation: bool, client_id: bool = False,
+               quote_open: bool = False) -> Parsed:
     """Parse the command at the head of ``buf``; a continuation line has no tag or verb, only arguments.
 
     ``client_id`` (imap_client_id, ours) makes ``ID`` a command: its args are the strings of its list in
-    order, NIL as None (``ID NIL`` gives none).
+    order, NIL as None (``ID NIL`` gives none). ``quote_open``: the previous command left a quoted string
+    open; the result's ``quote_open`` says whether this one does.
     """
     window = bytes(buf[:limit])
+    result = Parsed(Kind.COMPLETE, quote_open=quote_open)
     if continuation:
-        return _arguments(window, 0, Parsed(Kind.COMPLETE), limit)
-    result = Parsed(Kind.COMPLETE)
+        # nginx reads the response from the line's first byte, up to SP, CR or LF (or, inside quotes, up
+        # to a quote or the line end); further arguments follow as in a command.
+        try:
+            index = _word(window, 0, result)
+        except _Bad as bad:
+            return _invalid(window, bad.index, result)
+        if index < 0:
+            return _incomplete(result)
+        return _arguments(window, index, result, limit)
     index = _tag(window, result)
     if index is None:
         return _invalid(window, 0, result)
@@ -109,11 +125,12 @@ def _arguments(window: bytes, index: int, result: Parsed, limit: int) -> Parsed:
             return _invalid(window, index, result)
         try:
             if byte == QUOTE:
-                index = _quoted(window, index + 1, args)
+                result.quote_open = True
+                index = _word(window, index + 1, result)
             elif byte == OPEN_BRACE:
                 index = _literal(window, index + 1, result, limit)
             else:
-                index = _atom(window, index, args)
+                index = _word(window, index, result)
         except _Bad as bad:
             return _invalid(window, bad.index, result)
         if index < 0:
@@ -138,9 +155,10 @@ def _id_arguments(window: bytes, index: int, result: Parsed, limit: int) -> Pars
                     index += 1
                     break
                 if byte == QUOTE:
-                    index = _quoted(window, index + 1, result.args)
-                    if 0 <= index < length and window[index] in (CR, LF):
+                    index, closed = _quoted(window, index + 1, result.args)
+                    if index >= 0 and not closed:
                         raise _Bad(index)  # a string cut by the line end: the list never closes
+                    result.quote_open = False
                 elif byte == OPEN_BRACE:
                     index = _literal(window, index + 1, result, limit, (SP, CR, LF, CLOSE_PAREN))
                 else:
@@ -184,41 +202,49 @@ def _nil(window: bytes, index: int, ends) -> int:
     return index
 
 
-def _atom(window: bytes, index: int, args: list) -> int:
-    # A quote inside an atom is just data, as nginx reads it.
+def _word(window: bytes, index: int, result: Parsed) -> int:
+    """An argument that is not a literal: inside quotes (after an opening quote, or while one is left
+    open) up to the closing quote or the line end, else an atom up to SP, CR or LF, where a quote is
+    just data, as nginx reads it. The index after it, or -1 to wait."""
+    if result.quote_open:
+        index, closed = _quoted(window, index, result.args)
+        if closed:
+            result.quote_open = False
+        return index
     start = index
     length = len(window)
     while index < length and window[index] not in (SP, CR, LF):
         index += 1
     if index == length:
         return -1
-    args.append(window[start:index])
+    result.args.append(window[start:index])
     return index
 
 
 def _quoted(window: bytes, index: int, args: list):
-    """Read a quoted string (opening quote already passed); the index after it, or -1 to wait."""
+    """Read a quoted string (opening quote already passed): (the index after it, or -1 to wait; whether
+    a closing quote ended it)."""
     out = bytearray()
     length = len(window)
     while index < length:
         byte = window[index]
         if byte == QUOTE:
             args.append(bytes(out))
-            return index + 1
+            return index + 1, True
         if byte in (CR, LF):
             # An unterminated string ends with its line, as nginx reads it; the line end stays unread.
             args.append(bytes(out))
-            return index
+            return index, False
         if byte == BACKSLASH:
             if index + 1 == length:
-                return -1
+                return -1, False
             if window[index + 1] in (CR, LF):
                 raise _Bad(index + 1)
             index += 1
             byte = window[index]
         out.append(byte)
         index += 1
-    return -1
+    return -1, False
 
 
 def _literal(window: bytes, index: int, result: Parsed, limit: int, ends=(SP, CR, LF)):
@@ -290,6 +316,7 @@ def _invalid(window: bytes, index: int, result: Parsed) -> Parsed:
     if newline < 0:
         return _incomplete(result)
     result.kind = Kind.INVALID
+    result.quote_open = False  # nginx's parse error clears what was left open
     result.end = newline + 1
     line_end = newline - 1 if newline > 0 and window[newline - 1] == CR else newline
     # A line announcing a non-synchronising literal cannot be resynchronised: the literal's bytes would

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from imap_cases.cases import CASES
-from imap_cases.helpers import ALL, SALT, bad, ok
+from imap_cases.helpers import ALL, EMPTY, SALT, b64, bad, info, ok
 from imap_cases.sasl_cases import SASL_CASES
 
-from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
+from mailproxy.protocol.common import AuthAttempt, Authenticate, Close, Log, Send, StartTLS
 from mailproxy.protocol.imap import ImapConfig, ImapMachine, State
 
 from support import nginxref
@@ -266,3 +266,51 @@ def test_transcripts_match_nginx():
                 if got != b"".join(sent):
                     mismatches.append((name, got, b"".join(sent)))
     assert not mismatches, "\n".join("%s:\n nginx %r\n   ours %r" % m for m in mismatches)
+
+
+# What the differential fuzzer against nginx found (tests/differential/): nginx's bytes, recorded there.
+
+
+def attempt(login, password, tag=b"b"):
+    return Authenticate(AuthAttempt("plain", login, password, 1, tag=tag))
+
+
+B64_ERROR = info("client sent invalid base64 encoding in AUTH PLAIN command")
+PLAIN_UP = b64(b"\0u\0p")
+
+
+@pytest.mark.parametrize("line,answer", [
+    (b'"' + PLAIN_UP + b'"\r\n', [B64_ERROR, bad()]),
+    (b"{5+}\r\n", [B64_ERROR, bad()]),  # no literal: nothing waited for
+    # No "+ OK" for a literal: the next line is a command (a tag cannot hold "=").
+    (b"{12}\r\n" + PLAIN_UP + b"\r\n", [B64_ERROR, bad(), bad(b"*")]),
+    # A leading space: an empty first response, which decodes to no login at all.
+    (b" " + PLAIN_UP + b"\r\n", [info("client sent invalid login in AUTH PLAIN command"), bad()]),
+], ids=["quoted", "literal-plus", "literal", "leading-space"])
+def test_an_authenticate_response_is_read_raw_from_its_first_byte(line, answer):
+    """nginx reads a continuation line from its first byte to SP, CR or LF: a quote, a brace or a leading
+    space is data, not an IMAP string (ngx_mail_parse.c: sw_argument after AUTHENTICATE)."""
+    check(ImapConfig.build(), [
+        (b"a AUTHENTICATE PLAIN\r\n", [EMPTY]),
+        (line, answer),
+        (b"b NOOP\r\n", [ok(b"b")]),
+    ])
+
+
+def test_a_quoted_string_cut_by_its_line_end_stays_open_for_the_next_commands():
+    """nginx's quirk (spec 2.1): CR/LF end the argument but not the quotes, until a quote closes them or a
+    line fails to parse. Meanwhile a space does not end an argument: LOGIN gets one."""
+    check(ImapConfig.build(), [
+        (b'a NOOP "x\r\n', [ok()]),
+        (b"b LOGIN u p\r\n", [bad(b"b")]),  # LOGIN "u p": one argument
+        (b"c NOOP\r\n", [ok(b"c")]),
+    ])
+    check(ImapConfig.build(), [
+        (b'a NOOP "x\r\n', [ok()]),
+        (b'b LOGIN u" p\r\n', [attempt(b"u", b"p")]),  # the quote after u closes what was open
+    ])
+    check(ImapConfig.build(), [
+        (b'a NOOP "x\r\n', [ok()]),
+        (b"b SELECT\r\n", [bad(b"b")]),  # a parse error clears it
+        (b"c LOGIN u p\r\n", [attempt(b"u", b"p", b"c")]),
+    ])
