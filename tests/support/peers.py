@@ -141,7 +141,7 @@ class Edge:
         self.first_workers = self.master.workers()
 
     def set_backend(self, protocol, backend):
-        self.backends[protocol].close()
+        self.backends[protocol].stop_listening()  # the sessions it serves (the bystanders') go on
         self.backends[protocol] = backend
         self.auth.backends[protocol] = ("127.0.0.1", backend.port)
 

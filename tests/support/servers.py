@@ -1,9 +1,9 @@
 """Servers the tests script on threads: a TCP server base, and a scripted SMTP backend.
 
 ``TcpServer`` listens on 127.0.0.1 (a free port) before its constructor returns, so a connect can never
-race its start; each connection runs ``serve_connection(conn)`` on its own thread, and ``close()`` stops
-accepting (shutdown() wakes the accept; close() alone would leave the port answering) and shuts the
-connections still open down, which wakes their threads.
+race its start; each connection runs ``serve_connection(conn)`` on its own thread. ``stop_listening()``
+stops accepting (shutdown() wakes the accept; close() alone would leave the port answering);
+``close()`` also shuts the connections still open down, which wakes their threads.
 """
 
 import socket
@@ -24,13 +24,17 @@ class TcpServer:
     def serve_connection(self, conn):
         raise NotImplementedError
 
-    def close(self):
+    def stop_listening(self):
+        """No new connection; those open go on (a backend retired under sessions it still serves)."""
         try:
             self.listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # never connected or already shut down: either way it no longer accepts
         self.listener.close()
         self.thread.join(5)
+
+    def close(self):
+        self.stop_listening()
         for conn in list(self.connections):
             try:
                 conn.shutdown(socket.SHUT_RDWR)  # wakes a connection's thread still reading
