@@ -238,21 +238,27 @@ class Divergence:
         return found[count] if 0 <= count < len(found) else None
 
     def too_long_buffer(self):
-        """nginx's whole buffer when it found a command too long, or None: found in what the client sent
+        """The latest of ``too_long_buffers()``, or None."""
+        found = self.too_long_buffers()
+        return found[0] if found else None
+
+    def too_long_buffers(self):
+        """nginx's whole buffer when it found a command too long, every place it can start, the latest
+        first (lines alike at their start give several): found in what the client sent
         by the start of what nginx logged. The logged text itself will not do: the log line stops at 2048
         bytes, a refused MAIL turns CR and LF into '_' in the buffer, and IMAP quoted strings are
         unescaped in place (the bytes of a quoted string with a backslash shift); a full buffer is
         ``buffer`` bytes long."""
         found = quoted_in(self.nginx_log, b'client sent too long command "')
         if not found:
-            return None
+            return []
         prefix = re.split(rb'["\\]', found[0][:200], 1)[0]  # nginx unescapes quoted strings in place
         if not prefix:
-            return None
+            return []
         pattern = b"".join(rb"[_\r\n]" if byte == 0x5F else re.escape(bytes([byte])) for byte in prefix)
         starts = [match.start() for match in re.finditer(pattern, self.sent)
                   if match.start() + self.buffer <= len(self.sent)]
-        return self.sent[starts[-1]:starts[-1] + self.buffer] if starts else None
+        return [self.sent[start:start + self.buffer] for start in reversed(starts)]
 
     def tag_at(self):
         """IMAP: the tag of the first differing tagged reply, mailproxy's or else nginx's."""

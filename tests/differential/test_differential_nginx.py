@@ -152,14 +152,15 @@ def _invalid_reply(d):
 def compaction(d):
     """nginx logged 'too long command' for a buffer that begins with commands it had answered, and the
     one that did not fit would fit alone: mailproxy, which compacts, takes it."""
-    held = d.too_long_buffer()
-    if held is None or not d.nginx_closed or not (d.nginx_rest == b"" or _invalid_reply(d)):
+    if not d.nginx_closed or not (d.nginx_rest == b"" or _invalid_reply(d)):
         return None
     if d.nginx_rest and len(d.nginx_rest) != len(first_line(d.nginx_rest)):
         return None
-    done = complete_part(held, d.protocol)
     differs = d.ours_rest != d.nginx_rest or not d.ours_closed  # or only nginx closed
-    return REST if 0 < done and differs else None
+    # Lines alike at their start (two long AUTH PLAIN lines) leave several places nginx's buffer can
+    # begin: one that begins with whole commands is enough.
+    done = any(complete_part(held, d.protocol) > 0 for held in d.too_long_buffers())
+    return REST if done and differs else None
 
 
 def filled_exactly(d):
