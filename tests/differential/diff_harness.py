@@ -116,6 +116,11 @@ class FuzzAuthServer(RecordingAuthServer):
     def _verdict(self, headers):
         user = urllib.parse.unquote_to_bytes(headers.get("auth-user", b"")).decode("latin-1")
         method = headers.get("auth-method", b"").decode()
+        if method == "none":
+            # Mail without a login is judged without one: nginx 1.22 still sends the login of an earlier
+            # refused attempt here, mailproxy none (the no-stale-credentials-with-none entry); a verdict
+            # keyed on that stale login would turn a difference in the request into one on the wire.
+            user = ""
         protocol = headers.get("auth-protocol", b"").decode()
         if user.startswith(BROKEN_PREFIX):
             return b"HTTP/1.0 200 OK\r\nAuth-Status OK\r\n\r\n"
