@@ -3,26 +3,25 @@
 The session hands over what the client said (AuthAttempt) and what the auth server decided (AuthOk);
 this module connects to the backend, writes the PROXY header, brings up TLS towards it and runs the
 sans-IO login machine of mailproxy/upstream/ on the socket, under one `timeout` timer armed at the
-connect. Every step is a callback on the worker's loop (events.py): one non-blocking connect and one
-SO_ERROR read, TCP_NODELAY set once. The session keeps the client: it turns a failure into the protocol's
+connect. Every step is a callback on the worker's loop (events.py): one non-blocking connect (events.connect:
+a connection up at once goes on at once, another is waited for and read from SO_ERROR), TCP_NODELAY set
+once. The session keeps the client: it turns a failure into the protocol's
 reply and hands a logged-in backend to the relay.
 """
 
-import errno
 import time
 from collections import deque
 
 import _socket
 
 from mailproxy import proxy_protocol
+from mailproxy.events import IN_PROGRESS, READ, WRITE, Connection, connect
 from mailproxy.log import errno_text
-from mailproxy.events import READ, WRITE, Connection
 from mailproxy.protocols import PROTOCOLS, BackendLoginFacts
 from mailproxy.tls import upstream as upstream_tls
 from mailproxy.upstream.common import READING, Failed, LoggedIn, LogPhase, Send, StartTLS
 
 _READ_SIZE = 16384
-_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
 
 # Queued behind the PROXY header and an implicit TLS handshake: from here the login machine talks.
 _MACHINE_READS = object()
@@ -98,10 +97,10 @@ class BackendLogin:
         sock = _socket.socket(ok.family, _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK)
         self.conn = Connection(self.loop, sock)
         sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        code = sock.connect_ex((ok.addr, ok.port))
+        code = connect(sock, (ok.addr, ok.port))
         if code == 0:
             self._connected()
-        elif code in _IN_PROGRESS:
+        elif code in IN_PROGRESS:
             self.conn.wait(WRITE, self.guard, self._connect_done)
         else:
             self._connect_failed(code)

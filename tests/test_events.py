@@ -9,7 +9,7 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from mailproxy.events import READ, WRITE, Connection, failed_call
+from mailproxy.events import IN_PROGRESS, READ, WRITE, Connection, connect, failed_call
 
 
 def _pair():
@@ -107,3 +107,34 @@ def test_recv_from_a_closed_peer_is_eof():
     peer.close()
     assert conn.recv(100) == b""
     conn.close()
+
+
+def _nonblocking():
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+
+
+def test_connect_to_a_listener_on_this_host_is_up_at_once():
+    # Loopback completes the handshake inside connect(2): no write watcher, no SO_ERROR read.
+    with socket.create_server(("127.0.0.1", 0)) as listener, _nonblocking() as sock:
+        assert connect(sock, listener.getsockname()) == 0
+        accepted, _ = listener.accept()
+        with accepted:
+            sock.send(b"a1 LOGIN\r\n")
+            assert accepted.recv(100) == b"a1 LOGIN\r\n"
+
+
+def test_connect_refused_is_waited_for_and_read_from_so_error():
+    # A refused connect must never pass for a connected one: its errno comes from SO_ERROR as before.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        closed = listener.getsockname()
+    with _nonblocking() as sock:
+        code = connect(sock, closed)
+        assert code != 0
+        if code in IN_PROGRESS:
+            conn = Connection(gevent.get_hub().loop, sock)
+            writable = Event()
+            conn.wait(WRITE, writable.set)
+            assert writable.wait(5)
+            conn.release_watchers()
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        assert code == errno.ECONNREFUSED

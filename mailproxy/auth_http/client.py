@@ -32,7 +32,7 @@ from collections import deque
 
 import _socket
 
-from mailproxy.events import READ, WRITE, Connection
+from mailproxy.events import IN_PROGRESS, READ, WRITE, Connection, connect
 from mailproxy.log import errno_text
 
 from .response import SOCKET_FAILED, TIMED_OUT, AuthHttpError, ReplyParser
@@ -40,8 +40,6 @@ from .response import SOCKET_FAILED, TIMED_OUT, AuthHttpError, ReplyParser
 RECV_SIZE = 4096
 # Idle connections kept per auth server; more concurrent requests open more, and the surplus is closed.
 POOL_IDLE = 16
-
-_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
 
 
 def _os_error(call: str, peer_text: str, code: int) -> AuthHttpError:
@@ -206,10 +204,10 @@ class AuthExchange:
         url = self.client.url
         sock = _socket.socket(url.family, _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK)
         self.conn = Connection(self.client.loop, sock)
-        code = sock.connect_ex(url.sockaddr)
+        code = connect(sock, url.sockaddr)
         if code == 0:
             self._connected()
-        elif code in _IN_PROGRESS:
+        elif code in IN_PROGRESS:
             self.conn.wait(WRITE, self.guard, self._connect_done)
         else:
             self._fail(_os_error("connect()", self.client.connect_text, code))

@@ -220,12 +220,16 @@ class ReplyParser:
             self.reply.http_status = int(code)
 
     def _header_line(self, line: bytes) -> None:
+        name, _, value = line.partition(b":")
+        store = _HEADERS.get(name.lower())
+        if store is not None and b"\r" not in value:
+            # A header we read has a name of token bytes (its lower case is a key): what _HEADER would
+            # take as the value is the rest of the line without its spaces at either end.
+            store(self.reply, value.strip(b" "))
+            return
         match = _HEADER.fullmatch(line)
         if match is None or b"\r" in line:
             raise self._invalid_header()
-        store = _HEADERS.get(match.group(1).lower())
-        if store is not None:
-            store(self.reply, match.group(2) or b"")
 
     def eof(self) -> None:
         """The auth server closed before the header block ended."""
@@ -274,12 +278,29 @@ class AuthError:
     log_message: str  # error-level log text; the client gets the internal-error reply
 
 
+# Auth-Server values already read: an auth server names the same few backends over and over. Bounded,
+# as the values come from the network; addresses are no secret.
+_ADDRESSES = {}
+_ADDRESSES_KEPT = 1024
+
+
 def server_address(value: bytes):
     """(family, normalised address) for an IP literal as nginx accepts it, else None.
 
     IPv4 octets are decimal with leading zeros allowed; 255.255.255.255 is refused because nginx reads it
     as INADDR_NONE. IPv6 without brackets and without a zone.
     """
+    try:
+        return _ADDRESSES[value]
+    except KeyError:
+        pass
+    if len(_ADDRESSES) >= _ADDRESSES_KEPT:
+        _ADDRESSES.clear()
+    found = _ADDRESSES[value] = _server_address(value)
+    return found
+
+
+def _server_address(value: bytes):
     match = _IPV4.fullmatch(value)
     if match is not None:
         octets = [int(part) for part in match.groups()]

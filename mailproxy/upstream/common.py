@@ -35,6 +35,9 @@ PREMATURE_EOF = "upstream prematurely closed connection"
 
 CRLF = b"\r\n"
 
+# One LogPhase per action text (the machines' own constants), shared: it is immutable.
+_PHASES = {}
+
 
 @dataclass(frozen=True)
 class LogPhase:
@@ -143,7 +146,10 @@ class UpstreamLogin:
 
     def _phase(self, action: str) -> List[object]:
         self.phase = action
-        return [LogPhase(action)]
+        phase = _PHASES.get(action)
+        if phase is None:
+            phase = _PHASES[action] = LogPhase(action)
+        return [phase]
 
     def _step(self, action: str, line: bytes) -> List[object]:
         # The sending action covers the write only (a send() error names it); once the command is

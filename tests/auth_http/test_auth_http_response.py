@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mailproxy.auth_http import response
 from mailproxy.auth_http.response import (AuthError, AuthFail, AuthHttpError, AuthOk, AuthReply, AuthRetry, ReplyParser,
                                           decide, parse)
 
@@ -276,3 +277,35 @@ def test_fuzz_well_formed_headers(headers, status_line):
     assert isinstance(reply, AuthReply) and feed_bytewise(data) == reply
     for protocol in ("imap", "smtp"):
         assert isinstance(decide(reply, protocol, "oauthbearer"), (AuthOk, AuthFail, AuthRetry, AuthError))
+
+
+class _RegexParser(ReplyParser):
+    """The header reading of before the known-name fast path: every line through the one expression."""
+
+    def _header_line(self, line):
+        match = response._HEADER.fullmatch(line)
+        if match is None or b"\r" in line:
+            raise self._invalid_header()
+        store = response._HEADERS.get(match.group(1).lower())
+        if store is not None:
+            store(self.reply, match.group(2) or b"")
+
+
+def _read_with(parser_class, data):
+    try:
+        return parser_class(PEER).feed(data)
+    except AuthHttpError as exc:
+        return exc.message
+
+
+header_case = st.sampled_from([bytes.lower, bytes.upper, lambda name: name])
+separators = st.sampled_from([b":", b": ", b":   ", b" :", b"", b":\t", b"\t:"])
+raw_values = st.binary(max_size=12).filter(lambda v: b"\n" not in v)
+
+
+@given(st.lists(st.tuples(header_names, header_case, separators, raw_values, st.sampled_from([b"", b" ", b"  "])),
+                max_size=6))
+def test_fuzz_known_names_read_as_the_regular_expression_reads_them(lines):
+    """Known header names take a fast path; what it stores, and what it refuses, must be the expression's."""
+    data = b"".join(case(name) + sep + value + pad + b"\r\n" for name, case, sep, value, pad in lines) + b"\r\n"
+    assert _read_with(ReplyParser, data) == _read_with(_RegexParser, data)
