@@ -871,13 +871,25 @@ def session_reused(sock):
     return bool(SSL_session_reused(_ssl_of(sock)))
 
 
+def read_ahead(context):
+    """One read(2) for as many records as have arrived, not two (header, body) per record, on every
+    connection of this context, as nginx's contexts (SSL_CTX_set_read_ahead). Bytes read ahead wait
+    inside the SSL, undecrypted: has_pending() tells, SSL_pending() does not."""
+    SSL_CTX_set_read_ahead(_ctx(context), 1)
+
+
+def has_pending(sock):
+    """Bytes inside this SSL that no socket event will announce: decrypted, or read ahead."""
+    return SSL_has_pending(_ssl_of(sock)) != 0
+
+
 # -- the TLS relay pump ------------------------------------------------------------------------------
 #
 # One direction of a relayed session with TLS on at least one side: SSL_read (or recv on a plain
 # side) into a buffer, SSL_write (or send) out of it, until something would block, the source ends or
 # the budget is spent, with the GIL released and no Python call per record. Like mailproxy._splice it
 # holds no policy: mailproxy/relay.py owns the watchers, the timer and how a session ends, and words
-# errors with netio.failed_call() from the exceptions raised here.
+# errors with events.failed_call() from the exceptions raised here.
 #
 # kTLS seam: where the kernel offers the TLS ULP and OpenSSL enabled it on a connection
 # (BIO_get_ktls_send/BIO_get_ktls_recv on SSL_get_wbio/SSL_get_rbio, SSL_OP_ENABLE_KTLS set on the
@@ -905,6 +917,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_has_pending(const SSL *ssl)
     int SSL_pending(const SSL *ssl)
     void SSL_set_read_ahead(SSL *ssl, int yes)
+    void SSL_CTX_set_read_ahead(SSL_CTX *ctx, int yes)
     enum:
         SSL_ERROR_NONE
         SSL_ERROR_SSL

@@ -15,11 +15,21 @@ TLS, the ssl.SSLError) the caller words with ``failed_call``.
 import errno
 import ssl
 
+import _socket
+
 from mailproxy.log import errno_text
+from mailproxy.tls.openssl import bridge as _bridge
 from mailproxy.tls.openssl import ssl_error_text
 
 READ, WRITE = 1, 2
 IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
+
+
+class Socket(_socket.socket):
+    """A bare socket that takes weak references: OpenSSL's SSL object, when TLS comes, keeps one to it
+    (tls.client.ServerTls) without a wrapper socket made anew for it."""
+
+    __slots__ = ("__weakref__",)
 
 
 def connect(sock, address) -> int:
@@ -57,15 +67,16 @@ class Connection:
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
-        # The SSL object under a gevent SSLSocket, once TLS is up: its read/write report would-block
-        # (gevent's wrappers would wait on a greenlet instead).
+        # The SSL object once TLS is up (a ServerTls's, or the one under the backend's gevent SSLSocket):
+        # its read/write report would-block (gevent's wrappers would wait on a greenlet instead).
         self.sslobj = None
         self.want = READ
         self._reader = None
         self._writer = None
 
     def use_tls(self, tls_sock):
-        """The socket is now ``tls_sock`` (a gevent SSLSocket on the same descriptor, handshake done)."""
+        """The socket is now ``tls_sock`` (a ServerTls, or the backend's gevent SSLSocket, on the same
+        descriptor, handshake done)."""
         self.sock = tls_sock
         self.sslobj = tls_sock._sslobj
 
@@ -89,8 +100,14 @@ class Connection:
         return None
 
     def pending(self) -> bool:
-        """Decrypted bytes wait inside OpenSSL: no socket event will announce them."""
-        return self.sslobj is not None and self.sslobj.pending() > 0
+        """Bytes wait inside OpenSSL, decrypted or read ahead (client contexts read ahead, as nginx's,
+        where the bridge can set it): no socket event will announce them."""
+        sslobj = self.sslobj
+        if sslobj is None:
+            return False
+        if _bridge is not None:
+            return _bridge.has_pending(sslobj)
+        return sslobj.pending() > 0
 
     def send(self, data) -> int:
         """Bytes of ``data`` written; 0 when the call would block (``want`` says on what)."""

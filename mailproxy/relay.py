@@ -161,8 +161,9 @@ class _Direction:
     )
 
     def __init__(self, src, src_fd, dst, dst_fd, src_tls, dst_tls, pending, bufsize, eof_reason, from_client):
-        # For TLS the SSL object under gevent's SSLSocket is used: gevent's send() reports would-block
-        # as 0 without saying whether SSL wants to read or to write, and the watcher must know which.
+        # For TLS the SSL object itself is used (a ServerTls's, or the one under the backend's gevent
+        # SSLSocket): gevent's send() reports would-block as 0 without saying whether SSL wants to read
+        # or to write, and the watcher must know which.
         self.src_ssl = src if src_tls else None
         self.recv_into = src.read if src_tls else src.recv_into
         self.send = dst.write if dst_tls else dst.send
@@ -344,7 +345,7 @@ class _Direction:
 def _detach(gsock):
     """Trade a gevent socket for a bare _socket.socket: the gevent object carries two io watchers and a
     Python wrapper that an idle relayed session does not need. A bare socket is kept as it is."""
-    if type(gsock) is _socket.socket:
+    if isinstance(gsock, _socket.socket):
         return gsock
     # Family, type and protocol are passed, not probed: from a descriptor alone the socket module asks
     # the kernel for each (three system calls a socket, six a login).
@@ -534,10 +535,11 @@ def start(client_sock, backend_sock, *, client_pending: bytes, backend_pending: 
           readers=None) -> Relay:
     """Hand both sockets to the relay and return at once; on_close(RelayResult) runs exactly once, in
     the hub, after both sockets are closed. It must not block (spawn a greenlet for anything slow).
-    ``tls``/``backend_tls``: that side is a gevent SSLSocket (handshake done; gevent's, whose descriptor
-    is non-blocking, not the standard library's), relayed by the TLS pump when the OpenSSL bridge is
-    active, else by copy. Bare ``_socket.socket``s are taken as they are (non-blocking). ``nodelay``: set
-    TCP_NODELAY on both (a caller whose sockets already have it says False: one system call each).
+    ``tls``/``backend_tls``: that side is TLS, handshake done, on a non-blocking descriptor (the
+    client's a tls.client.ServerTls, the backend's a gevent SSLSocket), relayed by the TLS pump when the
+    OpenSSL bridge is active, else by copy. Bare ``_socket.socket``s are taken as they are (non-blocking).
+    ``nodelay``: set TCP_NODELAY on both (a caller whose sockets already have it says False: one system
+    call each).
     ``readers``: the caller's stopped read watchers of the client's and the backend's descriptor (either
     None), taken over instead of made anew."""
     return Relay(client_sock, backend_sock, client_pending, backend_pending, proxy_timeout,

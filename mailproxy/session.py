@@ -25,18 +25,20 @@ from collections import deque
 
 import _socket
 import gevent
-from gevent import ssl as gevent_ssl
 from gevent.monkey import get_original
 
 from mailproxy import log as errorlog
 from mailproxy import login_gate, proxy_protocol, relay, resolver, session_log
 from mailproxy.auth_http import request as auth_request
 from mailproxy.backend_login import BackendLogin, BackendLoginFailed
-from mailproxy.events import READ, WRITE, Connection, failed_call
+from mailproxy.events import READ, WRITE, Connection, Socket, failed_call
 from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
 from mailproxy.tls import client as client_tls, openssl
 
 _READ_SIZE = 16384
+# What ngx_connection_error logs at info, as a peer's doing rather than a fault.
+_PEER_GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNREFUSED,
+              errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH)
 
 
 class SessionClosed(Exception):
@@ -67,9 +69,9 @@ _IN_AUTH_STATE = _Phase("in auth state")
 
 def handle(sock, peer, listen, server, worker):
     """The worker's session handler (``on_loop``: called from the accept callback, no greenlet)."""
-    if type(sock) is not _socket.socket:
+    if not isinstance(sock, Socket):
         # A handler that wraps this one hands over a gevent socket: the session wants the bare one.
-        bare = _socket.socket(sock.family, sock.type, sock.proto, sock.detach())
+        bare = Socket(sock.family, sock.type, sock.proto, sock.detach())
         bare.setblocking(False)
         sock = bare
     session = Session(sock, peer, listen, server, worker)
@@ -265,7 +267,7 @@ class Session:
         if delay > 0:
             self.action = "in delay pipelining state"
             self.arm(delay, self.greeting_delay_over)
-            self.client.wait(READ, self.run, self.early_input)
+            self.wait_client(self.early_input)
             return
         self.send_greeting()
 
@@ -306,11 +308,16 @@ class Session:
         return data
 
     def read_command(self):
+        self.wait_client(self.client_readable)
+
+    def wait_client(self, step):
+        """``step`` once the client has bytes for us."""
         if self.client.pending():
-            # Decrypted bytes wait inside OpenSSL: no socket event will say so.
-            self.loop.run_callback(self.run, self.client_readable)
+            # Bytes wait inside OpenSSL (decrypted, or read ahead with the handshake's last records):
+            # no socket event will say so.
+            self.loop.run_callback(self.run, step)
         else:
-            self.client.wait(READ, self.run, self.client_readable)
+            self.client.wait(READ, self.run, step)
 
     def client_readable(self):
         if self.unsent is not None:
@@ -447,20 +454,9 @@ class Session:
         self.handshake_then = then
         context = client_tls.context_for(self.server, self.listen)
         try:
-            # The SSL socket takes over the descriptor: from here it must be the only owner. Building it
-            # already reads the socket (a peer that reset it, or closed it with bytes queued, fails here),
-            # so it belongs to the handshake's failures, not to the session's bugs.
-            tls_sock = gevent_ssl.SSLSocket(
-                sock=self.client.sock, server_side=True, do_handshake_on_connect=False, _context=context,
-            )
+            self.client.sock = client_tls.ServerTls(self.client.sock, context)
         except (ssl.SSLError, OSError) as exc:
             self.handshake_error(exc)
-        self.client.sock = tls_sock
-        if tls_sock._sslobj is None:
-            # The peer was gone before the handshake began (gevent found no peer to wrap).
-            self.handshake_failed("error")
-            self.log("info", "peer closed connection in SSL handshake")
-            raise SessionClosed()
         self.handshake_step()
 
     def handshake_step(self):
@@ -509,14 +505,15 @@ class Session:
 
     def handshake_error(self, exc):
         self.handshake_failed("error")
-        # A peer that closed before the handshake with bytes queued comes as the kernel's ENOTCONN: for
-        # nginx that is the same closed peer.
-        if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or exc.errno == errno.ENOTCONN:
+        if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
             self.log("info", "peer closed connection in SSL handshake")
         elif isinstance(exc, ssl.SSLError):
             self.log("info", "SSL_do_handshake() failed (SSL: %s)" % openssl.ssl_error_text(exc))
         else:
-            self.fail_socket("recv", exc)
+            # A system call failed with OpenSSL's queue empty (a reset, a peer gone before the
+            # handshake): nginx's ngx_connection_error, at info for a peer's doing.
+            level = "info" if exc.errno in _PEER_GONE else "error"
+            self.log(level, "peer closed connection in SSL handshake %s" % errorlog.errno_text(exc.errno or 0))
         raise SessionClosed()
 
     def handshake_timed_out(self):

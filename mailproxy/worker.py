@@ -34,6 +34,7 @@ import traceback
 
 from mailproxy import log as errorlog
 from mailproxy import session_log, status
+from mailproxy.events import Socket
 from mailproxy.listeners import is_transient_accept_error
 
 # The session the workers run. Only the tests run another (tests/session_handler_master.py sets this
@@ -299,7 +300,7 @@ class Worker:
         if on_loop:
             # Family, type and protocol given: from a descriptor alone the socket module would ask the
             # kernel for each (and the listener's own .family converts to an enum on every read).
-            sock = _socket.socket(binding.listen.family, _socket.SOCK_STREAM, 0, fd)
+            sock = Socket(binding.listen.family, _socket.SOCK_STREAM, 0, fd)
             sock.setblocking(False)
         else:
             sock = self._gsocket(binding.sock.family, binding.sock.type, 0, fileno=fd)

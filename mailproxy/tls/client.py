@@ -84,6 +84,61 @@ _contexts = {}
 _groups = {}
 
 
+class ServerTls:
+    """A client's TLS connection: OpenSSL's SSL object (CPython's ``_ssl._SSLSocket``, in ``_sslobj``)
+    over the session's own non-blocking socket, and what the handshake's callbacks note on it.
+
+    Why not gevent's SSLSocket: building one costs two io watchers and three system calls (getsockname,
+    getsockopt, getpeername; and libev's fcntl check per watcher) plus some 10 us of Python a session,
+    for waits the session never makes (it steps the handshake and every read and write itself from the
+    loop). The SSL object keeps weak references to the socket and to this owner, which CPython's
+    server-name callback receives as its first argument (by_name and SniGroup note the name, the
+    certificate error and the chosen context here).
+    """
+
+    __slots__ = ("_sock", "_sslobj", "mailproxy_server_name", "mailproxy_certificate_error", "__weakref__")
+
+    def __init__(self, sock, context):
+        """``sock``: the session's socket (events.Socket, which takes weak references); the handshake has not
+        begun. Raises what CPython's wrap raises (ssl.SSLError, OSError)."""
+        self._sock = sock
+        self.mailproxy_server_name = None
+        self.mailproxy_certificate_error = None
+        self._sslobj = context._wrap_socket(sock, True, None, owner=self)
+
+    @property
+    def context(self):
+        return self._sslobj.context
+
+    @context.setter
+    def context(self, context):
+        # From the server-name callback: OpenSSL's SSL_set_SSL_CTX, the certificate of that name.
+        self._sslobj.context = context
+
+    @property
+    def family(self):
+        return self._sock.family
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def getsockname(self):
+        return self._sock.getsockname()
+
+    def getpeercert(self, binary_form=False):
+        return self._sslobj.getpeercert(binary_form)
+
+    def cipher(self):
+        return self._sslobj.cipher()
+
+    def version(self):
+        return self._sslobj.version()
+
+    def close(self):
+        self._sslobj = None
+        self._sock.close()
+
+
 class SniGroup:
     """The servers on one address, chosen by the TLS server name; the first is the default.
 
@@ -233,6 +288,9 @@ def build_context(server, pairs=None) -> ssl.SSLContext:
     _load_client_verification(ctx, server)
     if openssl.bridge is not None:
         openssl.bridge.alpn(ctx, server.protocol)
+        # As nginx: a handshake flight or a command's records in one read(2), not two a record. What is
+        # read ahead waits in the SSL, where events.Connection.pending() looks.
+        openssl.bridge.read_ahead(ctx)
         _set_sessions(ctx, server, loaded)
         if server.ssl_conf_command:
             # Last, as nginx applies them: a command overrides what the directives above set.

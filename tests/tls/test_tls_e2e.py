@@ -11,6 +11,7 @@ import re
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from support import nginxref
 from support.authserver import RecordingAuthServer
 from support.backends import USERS, require
-from support.harness import free_port
+from support.harness import free_port, wait_for
 
 SERVERS = ("imaps", "imap", "pop3s", "pop3", "smtps", "smtp", "verify", "optional")
 OPENSSL = "/usr/bin/openssl"
@@ -69,6 +70,47 @@ def assert_ssl_headers(headers, version="TLSv1.3"):
     assert headers["auth-ssl"] == b"on"
     assert headers["auth-ssl-protocol"] == version.encode()
     assert headers["auth-ssl-cipher"]
+
+
+def test_a_command_sent_with_the_handshakes_last_flight_is_answered(edge):
+    """The client's Finished and its first command leave in one segment: the proxy reads both in one
+    read (read-ahead, as nginx's contexts), and the command, left inside OpenSSL where no socket event
+    announces it, is answered all the same."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = edge.pki.client_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", edge.ports["imaps"]), timeout=8) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                data = sock.recv(65536)
+                assert data, "the proxy closed during the handshake"
+                incoming.write(data)
+        tls.write(b"a1 CAPABILITY\r\n")
+        sock.sendall(outgoing.read())  # the Finished (TLS 1.3) and the command together
+        received = b""
+        while b"a1 OK" not in received:
+            try:
+                received += tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)  # the socket's timeout fails a proxy that never answers
+                assert data, "closed by the proxy after %r" % received
+                incoming.write(data)
+    assert received.startswith(b"* OK IMAP4 ready\r\n* CAPABILITY IMAP4")
+
+
+def test_a_client_gone_before_the_handshake_is_logged_as_nginx_logs_it(edge):
+    """nginx's ngx_ssl_handshake: a system call that fails with OpenSSL's queue empty is the peer closing,
+    with the errno when there is one; an EOF without one."""
+    with socket.create_connection(("127.0.0.1", edge.ports["imaps"])) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+    edge.master.wait_log("peer closed connection in SSL handshake (104: Connection reset by peer) while SSL "
+                         "handshaking, client: 127.0.0.1")
+    socket.create_connection(("127.0.0.1", edge.ports["imaps"])).close()
+    wait_for(lambda: edge.master.error_log().count("peer closed connection in SSL handshake while") == 1,
+             10, "the EOF's line")
 
 
 def test_imaps_login(edge):
