@@ -461,14 +461,14 @@ class Relay:
 
     def _arm(self, want):
         watchers = self._watchers
-        for i, bit in enumerate((CR, CW, BR, BW)):
+        for i, bit, handler in _ARMED:
             w = watchers[i]
             if want & bit:
                 if w is None:
                     fd = self._client_fd if bit & (CR | CW) else self._backend_fd
                     w = watchers[i] = self._loop.io(fd, _READ if bit & (CR | BR) else _WRITE)
                 if not w.active:
-                    w.start((self._on_cr, self._on_cw, self._on_br, self._on_bw)[i])
+                    w.start(handler, self)
             elif w is not None and w.active:
                 w.stop()
         if want & AGAIN and not self._again_queued:
@@ -527,6 +527,11 @@ class Relay:
             sock._sslobj.shutdown()
         except (ssl.SSLError, OSError, ValueError, AttributeError):
             return
+
+
+# (watcher index, readiness bit, handler): a watcher calls handler(relay), so that arming one makes no
+# bound method.
+_ARMED = ((0, CR, Relay._on_cr), (1, CW, Relay._on_cw), (2, BR, Relay._on_br), (3, BW, Relay._on_bw))
 
 
 def start(client_sock, backend_sock, *, client_pending: bytes, backend_pending: bytes,

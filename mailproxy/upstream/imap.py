@@ -85,7 +85,8 @@ class ImapUpstreamLogin(UpstreamLogin):
         # proxy_client_id (ours): (client ip, client port, local ip, local port), named before LOGIN
         self._client_id = client_id
         # imap_client_id (ours): the client's ID fields ((name, value | None), ...), told before LOGIN
-        self._client_fields = tuple(field for field in client_fields if forwardable_id_name(field[0]))
+        self._client_fields = (tuple(field for field in client_fields if forwardable_id_name(field[0]))
+                               if client_fields else ())
         # A tag never contains a space; accept it with or without the separator the client used.
         self._tag = tag.rstrip(b" ")
         self._state = _State.GREETING
