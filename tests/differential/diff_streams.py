@@ -8,7 +8,7 @@ there, nginx's "too long command" buffer, and so on.
 
 import re
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from diff_harness import BUFFER, PROTOCOL
 
@@ -71,7 +71,7 @@ def client_lines(sent: bytes) -> List[bytes]:
 @dataclass
 class ImapCommand:
     data: bytes
-    tag: bytes
+    tag: Optional[bytes]  # None: a line without a space, which both answer untagged ("* BAD")
     literals: list = field(default_factory=list)  # (count text, plus, data, byte after it or b"")
     start: int = 0  # offset in the client's bytes
 
@@ -104,7 +104,9 @@ def imap_commands(sent: bytes) -> List[ImapCommand]:
             index += size
             literals.append((match.group(1), match.group(2), data, sent[index:index + 1]))
         data = sent[start:index]
-        tag = data.split(b" ", 1)[0] if b" " in data.split(b"\n", 1)[0] else b""
+        # A line with no space has no tag: its reply is untagged, and an empty tag (a line that starts
+        # with a space) is another command's.
+        tag = data.split(b" ", 1)[0] if b" " in data.split(b"\n", 1)[0] else None
         commands.append(ImapCommand(data, tag, literals, start))
     return commands
 
