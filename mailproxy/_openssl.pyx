@@ -339,7 +339,7 @@ cdef extern from *:
     static int mp_rotate_ticket_keys(SSL_CTX *ctx, mp_ticket_key *current, mp_ticket_key *previous)
     {
         mp_zone *zone = mp_zone_of(ctx);
-        mp_zone_key *keys;
+        mp_zone_key *keys, first, next;
         long long now = (long long) time(NULL), expire = now + SSL_CTX_get_timeout(ctx);
         int ok = 1;
 
@@ -348,24 +348,35 @@ cdef extern from *:
         }
         mp_zone_lock(zone);
         keys = zone->ticket_keys;
+        /* New keys are made aside and put in place only whole: a failed RAND_bytes leaves the zone as
+           it was (no keys yet: this ticket fails and the next one tries again; keys: they stay and the
+           rotation is tried again at the next ticket). */
         if (keys[0].expire == 0) {
-            ok = mp_random_key(&keys[0]) && mp_random_key(&keys[2]);
-            keys[0].expire = expire;
-            keys[2].expire = 0;
-            keys[1] = keys[0];  /* no previous key yet: the current one stands in */
-        }
-        if (ok && keys[1].expire < now) {
+            if (mp_random_key(&first) && mp_random_key(&next)) {
+                keys[0] = first;
+                keys[0].expire = expire;
+                keys[1] = keys[0];  /* no previous key yet: the current one stands in */
+                keys[2] = next;
+                keys[2].expire = 0;
+            } else {
+                ok = 0;
+            }
+        } else if (keys[1].expire < now && mp_random_key(&next)) {
             keys[1] = keys[0];
             keys[0] = keys[2];
-            ok = mp_random_key(&keys[2]);
+            keys[2] = next;
             keys[2].expire = 0;
         }
-        if (expire > keys[0].expire) {
-            keys[0].expire = expire;
+        if (ok) {
+            if (expire > keys[0].expire) {
+                keys[0].expire = expire;
+            }
+            *current = keys[0].key;
+            *previous = keys[1].key;
         }
-        *current = keys[0].key;
-        *previous = keys[1].key;
         mp_zone_unlock(zone);
+        OPENSSL_cleanse(&first, sizeof(first));
+        OPENSSL_cleanse(&next, sizeof(next));
         return ok;
     }
 

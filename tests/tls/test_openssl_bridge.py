@@ -3,11 +3,13 @@ through a real mailproxy master, one directive at a time, each as nginx behaves 
 
 import _ssl
 import imaplib
+import itertools
 import os
 import re
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -218,6 +220,37 @@ def test_tickets_without_key_files_survive_a_reload_with_a_shared_cache(pki, mai
     again = {name: s_client(pki, ports[name], "-sess_in", saved[name], version) for name in ports}
     assert b"\nReused, " in again["shared"].stdout, again["shared"].stdout
     assert b"\nNew, " in again["builtin"].stdout, again["builtin"].stdout
+
+
+def ticket_key_name(output):
+    """The key name of the ticket s_client printed: the ticket's first 16 bytes (OpenSSL's layout)."""
+    dump = output.split(b"TLS session ticket:", 1)[1]
+    first = re.search(rb"0000 - ([0-9a-f -]{47})", dump)
+    assert first, output
+    return first.group(1).replace(b"-", b" ").replace(b" ", b"")
+
+
+def test_shared_ticket_keys_rotate_and_the_previous_key_still_resumes(pki, mailproxy_master, tmp_path):
+    """nginx's ngx_ssl_rotate_ticket_keys, for the keys a shared cache keeps: once the previous key can
+    no longer be needed (ssl_session_timeout after the current one's first use), a new key encrypts the
+    tickets, and a ticket made under the one before it still resumes and is renewed under the new one."""
+    port = free_port()
+    started(mailproxy_master, imap_servers(pki, {"imaps": port}, {
+        "imaps": "ssl_session_cache shared:ROTATE:1m; ssl_session_timeout 2s;"}))
+    latest_under_first = str(tmp_path / "ticket-0")
+    first = s_client(pki, port, "-tls1_2", "-sess_out", latest_under_first)
+    first_key = ticket_key_name(first.stdout)
+    deadline = time.monotonic() + 20  # the rotation is due 2-3 s on (time(2)'s whole seconds)
+    for attempt in itertools.count(1):
+        assert time.monotonic() < deadline, "the ticket key never rotated"
+        saved = str(tmp_path / ("ticket-%d" % attempt))
+        current_key = ticket_key_name(s_client(pki, port, "-tls1_2", "-sess_out", saved).stdout)
+        if current_key != first_key:
+            break
+        latest_under_first = saved
+    again = s_client(pki, port, "-tls1_2", "-sess_in", latest_under_first)
+    assert b"\nReused, " in again.stdout, again.stdout
+    assert ticket_key_name(again.stdout) == current_key
 
 
 def test_ticket_key_survives_restart(pki, mailproxy_master, tmp_path):
