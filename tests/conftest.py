@@ -56,7 +56,7 @@ PROCESS = {
     "test_systemd_unit.py",
 }
 UNIT = {"tls/test_tls_context.py", "upstream_tls/test_machines.py", "reliability/test_machine_fuzz.py",
-        "throttle/test_zone.py", "tls/test_session_cache_density.py"}
+        "throttle/test_zone.py", "tls/test_session_cache_density.py", "differential/test_diff_streams.py"}
 SLOW = {"test_bench_quick.py", "test_quickstart.py", "relay/test_load.py", "reliability/test_capacity.py",
         "reliability/test_cuts.py", "reliability/test_faults.py", "edge/test_scale_out.py", "differential",
         "e2e/test_imap_parity.py", "e2e/test_pop3_parity.py", "e2e/test_smtp_parity.py", "conf/test_conf_cases.py"}

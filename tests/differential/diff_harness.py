@@ -165,7 +165,8 @@ class Transcript:
     steps: List[tuple] = field(default_factory=list)  # (bytes sent, bytes received)
     closed: str = ""  # "", "eof" or "reset"
     greeting: bytes = b""
-    port: int = 0  # the client's own port, to find the session in the server's error log
+    ip: str = ""  # the client's own address and port: its session in the server's error log
+    port: int = 0
     started: float = 0.0  # time.monotonic() at the connect and after the last read
     ended: float = 0.0
     digests: List[bytes] = field(default_factory=list)  # lines computed from this server's salt
@@ -210,7 +211,7 @@ def play(port: int, writes, source: str, auth: FuzzAuthServer, want=None) -> Tra
     transcript = Transcript(started=time.monotonic())
     with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transcript.port = conn.getsockname()[1]
+        transcript.ip, transcript.port = conn.getsockname()[:2]
         total = bytearray()
         last_byte = [time.monotonic()]
 
@@ -357,20 +358,3 @@ def brief(data: bytes) -> str:
     out.append(repr(data[index:])[2:-1])
     text = "".join(out)
     return "'%s'" % (text if len(text) < 3000 else text[:1500] + " ... " + text[-1500:])
-
-
-# --- error logs -------------------------------------------------------------------------------------
-
-_CONNECTED = re.compile(r"\*(\d+) client 127\.[\d.]+:(\d+) connected to ")
-
-
-def session_log(text: str, client_port: int) -> List[str]:
-    """The lines one session wrote to an error log, found by the client's port in its first line."""
-    number = None
-    for match in _CONNECTED.finditer(text):
-        if int(match.group(2)) == client_port:
-            number = match.group(1)
-    if number is None:
-        return []
-    marker = "*%s " % number
-    return [line for line in text.splitlines() if marker in line]

@@ -24,11 +24,12 @@ LITERAL_HEAD = re.compile(rb"\{(\d*)(\+?)\}\r?\n$")
 # --- error logs: records, not lines ----------------------------------------------------------------
 
 _RECORD = re.compile(rb"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\w+\] \d+#\d+: ", re.M)
-_CONNECTED = re.compile(rb"^\*(\d+) client [\d.]+:(\d+) connected to ")
+_CONNECTED = re.compile(rb"^\*(\d+) client ([\d.]+):(\d+) connected to ")
 
 
-def session_records(log: bytes, client_port: int) -> List[bytes]:
-    """The records one session wrote (its *N lines), found by the client's port in its first line.
+def session_records(log: bytes, client_ip: str, client_port: int) -> List[bytes]:
+    """The records one session wrote (its *N lines), found by the client's address and port in its first
+    line (each dialogue has an address of its own, and another's may use the same port).
 
     nginx writes client bytes raw, so one record may span several physical lines: records are cut at
     the timestamp that starts each, and kept as bytes."""
@@ -38,7 +39,7 @@ def session_records(log: bytes, client_port: int) -> List[bytes]:
     number = None
     for record in records:
         match = _CONNECTED.match(record)
-        if match and int(match.group(2)) == client_port:
+        if match and int(match.group(3)) == client_port and match.group(2) == client_ip.encode():
             number = match.group(1)
     if number is None:
         return []

@@ -120,7 +120,8 @@ class Proxies:
             nginx_log = handle.read()
         with open(self.master.log_path, "rb") as handle:
             ours_log = handle.read()
-        return session_records(nginx_log, theirs.port), session_records(ours_log, ours.port)
+        return (session_records(nginx_log, theirs.ip, theirs.port),
+                session_records(ours_log, ours.ip, ours.port))
 
 
 # --- the comparison ---------------------------------------------------------------------------------
