@@ -36,7 +36,7 @@ from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
 from mailproxy.tls import client as client_tls, openssl
 
 _READ_SIZE = 16384
-# What ngx_connection_error logs at info, as a peer's doing rather than a fault.
+# The errnos ngx_connection_error logs at info on a mail connection, as a peer's doing.
 _PEER_GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNREFUSED,
               errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH)
 
@@ -509,11 +509,13 @@ class Session:
             self.log("info", "peer closed connection in SSL handshake")
         elif isinstance(exc, ssl.SSLError):
             self.log("info", "SSL_do_handshake() failed (SSL: %s)" % openssl.ssl_error_text(exc))
+        elif not exc.errno:
+            self.log("info", "peer closed connection in SSL handshake")
         else:
             # A system call failed with OpenSSL's queue empty (a reset, a peer gone before the
-            # handshake): nginx's ngx_connection_error, at info for a peer's doing.
-            level = "info" if exc.errno in _PEER_GONE else "error"
-            self.log(level, "peer closed connection in SSL handshake %s" % errorlog.errno_text(exc.errno or 0))
+            # handshake): nginx's ngx_connection_error, at info for a peer's doing, else at alert.
+            level = "info" if exc.errno in _PEER_GONE else "alert"
+            self.log(level, "peer closed connection in SSL handshake %s" % errorlog.errno_text(exc.errno))
         raise SessionClosed()
 
     def handshake_timed_out(self):
