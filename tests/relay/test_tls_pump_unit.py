@@ -3,6 +3,7 @@ held bytes that proxy_buffer bounds, errors in the copy loop's words, and a rele
 
 import socket
 import ssl
+import struct
 import threading
 
 import pytest
@@ -21,14 +22,13 @@ def tls_pump_in_use():
 bridge = relay._tls_bridge
 
 
-@pytest.fixture
-def tls_pair(certs, tmp_path):
-    """(server-side SSLSocket, non-blocking, for the pump; client-side SSLSocket, blocking, the peer)."""
+def _tls_over(a, b, certs, tmp_path):
+    """(server-side SSLSocket on ``a``, non-blocking, for the pump; client-side SSLSocket on ``b``,
+    blocking, the peer)."""
     ca = str(tmp_path / "ca.pem")
     certs.ca.cert_pem.write_to_path(ca)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(certs.cert, certs.key)
-    a, b = socket.socketpair()
     made = {}
     thread = threading.Thread(target=lambda: made.setdefault("server", server_ctx.wrap_socket(a, server_side=True)))
     thread.start()
@@ -37,9 +37,33 @@ def tls_pair(certs, tmp_path):
     server = made["server"]
     server.setblocking(False)
     client.settimeout(10)
+    return server, client
+
+
+@pytest.fixture
+def tls_pair(certs, tmp_path):
+    server, client = _tls_over(*socket.socketpair(), certs, tmp_path)
     yield server, client
     server.close()
     client.close()
+
+
+@pytest.fixture
+def tls_tcp_pair(certs, tmp_path):
+    """tls_pair over loopback TCP, the server's side with TCP_NODELAY as every listener sets it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        b = socket.create_connection(listener.getsockname())
+        a, _ = listener.accept()
+    a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server, client = _tls_over(a, b, certs, tmp_path)
+    yield server, client
+    server.close()
+    client.close()
+
+
+def segments_sent(sock):
+    # struct tcp_info (linux/tcp.h): tcpi_segs_out is the u32 at offset 136.
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 136)[0]
 
 
 @pytest.fixture
@@ -120,6 +144,26 @@ def test_a_stalled_destination_holds_one_read_at_most(plain_pair, tls_pair):
         got += len(client.recv(1 << 20))
     assert got == fed
     assert pump.held == 0
+
+
+def test_records_of_one_run_leave_in_full_segments_and_nothing_stays_corked(plain_pair, tls_tcp_pair):
+    """Bulk towards a TLS client: sixteen 4 KiB records in one run. With the listener's TCP_NODELAY each
+    would be a segment of its own; the pump corks the socket from the second record to the run's end,
+    and uncorks it then, so that the last partial segment does not wait for the kernel's 200 ms."""
+    src, feeder = plain_pair
+    server, client = tls_tcp_pair
+    pump = bridge.TlsPump(None, src.fileno(), server, server.fileno(), 4096)
+    feeder.sendall(b"a" * 100)
+    before = segments_sent(server)
+    assert pump.run(1 << 30) == (100, bridge.PUMP_AGAIN_SRC)
+    assert recv_exactly(client, 100) == b"a" * 100  # a lone reply goes at once
+    assert segments_sent(server) - before == 1
+    feeder.sendall(b"b" * 65536)
+    before = segments_sent(server)
+    assert pump.run(1 << 30) == (65536, bridge.PUMP_AGAIN_SRC)
+    assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+    assert segments_sent(server) - before <= 4
+    assert recv_exactly(client, 65536) == b"b" * 65536
 
 
 def test_errors_are_worded_as_the_copy_loop_words_them(tls_pair, plain_pair):
