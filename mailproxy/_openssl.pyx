@@ -1211,7 +1211,7 @@ cdef class TlsPump:
                     if c_setsockopt(self.dst_fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(on)) == 0:
                         corked[0] = 1
                     else:
-                        self.may_cork = self.dst_ssl != NULL
+                        self.may_cork = False
                 writes += 1
                 # A record read client_buffer (or proxy_buffer) bytes at a time: while the SSL still
                 # holds decrypted bytes of it, the next send follows at once, so this one is sent with
