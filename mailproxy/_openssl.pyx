@@ -1101,8 +1101,9 @@ cdef class TlsPump:
     None for a plain side, whose descriptor is ``src_fd``/``dst_fd``. ``read_size`` bounds every read
     (client_buffer from the client, proxy_buffer from the backend); ``pending``: login leftovers, sent
     first. Bytes the destination did not take stay in a buffer of at most ``read_size`` (leftovers:
-    their own size) until run() delivers them; an idle direction holds no buffer. Every run happens in
-    the thread that owns the sockets (the hub's): OpenSSL allows one caller per SSL at a time.
+    their own size) until run() delivers them; an idle direction holds no buffer. A run that writes more
+    than one record to a TLS destination corks its socket until the run ends (see _run). Every run
+    happens in the thread that owns the sockets (the hub's): OpenSSL allows one caller per SSL at a time.
     """
 
     cdef object src_owner
@@ -1171,7 +1172,7 @@ cdef class TlsPump:
         cdef _pump_err err
         cdef int status
         cdef int corked = 0
-        cdef int off = 0
+        cdef int no = 0
         if self.src_owner is None and self.dst_owner is None:
             # Released: the pointers no longer say which side is TLS, and the descriptors may be reused.
             raise ValueError("run() on a released TlsPump")
@@ -1184,7 +1185,7 @@ cdef class TlsPump:
             status = self._run(max_bytes, &moved, &err, &corked)
             if corked:
                 # Uncorking sends what the run left in a partial segment: nothing waits past the run.
-                c_setsockopt(self.dst_fd, IPPROTO_TCP, TCP_CORK, &off, sizeof(off))
+                c_setsockopt(self.dst_fd, IPPROTO_TCP, TCP_CORK, &no, sizeof(no))
         if self.nheld == 0 and self.buf != NULL:
             # Nothing in flight: an idle session keeps no buffer.
             free(self.buf)
