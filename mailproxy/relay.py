@@ -89,7 +89,7 @@ CR, CW, BR, BW, AGAIN = 1, 2, 4, 8, 16
 _READ, _WRITE = 1, 2
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RelayResult:
     reason: str
     client_to_backend: int

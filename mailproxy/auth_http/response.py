@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Optional
 
-from mailproxy.protocol.common import OAUTH_METHODS
+from mailproxy.protocol.common import OAUTH_METHODS, value_class
 
 # nginx reads the reply into one 1024-byte buffer; a header block that does not fit is a failed read.
 HEADER_LIMIT = 1024
@@ -49,7 +49,7 @@ def _text(value: bytes) -> str:
     return value.decode("latin-1")
 
 
-@dataclass
+@dataclass(slots=True)
 class AuthReply:
     """What the header block said. None = header absent; b"" = present and empty."""
 
@@ -245,7 +245,7 @@ def parse(data: bytes, peer: str = "") -> Optional[AuthReply]:
 # --- the decision (spec 3.4) ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@value_class
 class AuthOk:
     addr: str  # normalised IP literal to connect to
     port: int
@@ -260,7 +260,7 @@ class AuthOk:
     smtp_auth: Optional[str] = None
 
 
-@dataclass(frozen=True)
+@value_class
 class AuthFail:
     text: str  # Auth-Status as sent (latin-1), for the client's NO / -ERR / 5xx line and the log
     wait: int  # seconds before replying; 0 = reply and close
@@ -268,12 +268,12 @@ class AuthFail:
     sasl_error: Optional[str] = None  # xoauth2/oauthbearer only: the challenge to send first
 
 
-@dataclass(frozen=True)
+@value_class
 class AuthRetry:
     wait: int  # seconds before asking again with the same request
 
 
-@dataclass(frozen=True)
+@value_class
 class AuthError:
     log_message: str  # error-level log text; the client gets the internal-error reply
 

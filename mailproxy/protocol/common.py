@@ -1,7 +1,7 @@
 """What the client-facing machines hand to the session, and what they share.
 
 The machines never touch a socket: every step ends in a list of actions that the session carries out in
-order. Keeping them plain frozen dataclasses lets tests compare whole transcripts with ``==``.
+order. Actions are value classes (``value_class``), so tests compare whole transcripts with ``==``.
 
 The four machines (imap.py, pop3.py, smtp.py, sieve.py) have one shape. ``State`` names the states with
 one name for what nginx handles alike in every protocol; ``ServerConfig`` holds the settings every
@@ -21,19 +21,27 @@ from mailproxy.log import escape_bytes
 from . import sasl
 
 
-@dataclass(frozen=True)
+def value_class(cls):
+    """A dataclass for the values a login hands on (actions, attempts, verdicts): slotted, compared and
+    hashed by value, and never changed once made. Not ``frozen=True``, which would enforce the last at a
+    price paid on every login: its __init__ sets each field through object.__setattr__ (an AuthAttempt
+    costs 19,000 instructions so, 4,400 without; callgrind)."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
+
+
+@value_class
 class Send:
     """Bytes for the client, written completely before the next action runs."""
 
     data: bytes
 
 
-@dataclass(frozen=True)
+@value_class
 class Close:
     """Close the client connection once everything before it was written."""
 
 
-@dataclass(frozen=True)
+@value_class
 class Log:
     """A line for the error log; the session adds nginx's context suffix."""
 
@@ -41,12 +49,12 @@ class Log:
     message: str
 
 
-@dataclass(frozen=True)
+@value_class
 class StartTLS:
     """Start the TLS handshake on the client connection (the reply was sent just before)."""
 
 
-@dataclass(frozen=True)
+@value_class
 class AuthAttempt:
     """One login the client asked for, as the auth_http request needs it."""
 
@@ -63,7 +71,7 @@ class AuthAttempt:
     imap_id: tuple = ()  # IMAP with imap_client_id (ours): the client's ID ((name, value | None), ...)
 
 
-@dataclass(frozen=True)
+@value_class
 class Authenticate:
     """Ask the auth server; the machine reads nothing until the session reports back."""
 
@@ -477,7 +485,7 @@ class Kind(enum.Enum):
 _INCOMPLETE, _INVALID = Kind.INCOMPLETE, Kind.INVALID
 
 
-@dataclass
+@dataclass(slots=True)
 class Parsed:
     """A command at the head of the buffer as IMAP's and ManageSieve's tokenizers read it."""
 

@@ -6,11 +6,10 @@ verdict, `LoggedIn` or `Failed`. mailproxy/backend_login.py owns the socket, the
 and the PROXY header; the machine owns every byte of the dialogue.
 """
 
-from dataclasses import dataclass
 from typing import List, Optional
 
 from mailproxy.log import escape_bytes
-from mailproxy.protocol.common import Send, StartTLS
+from mailproxy.protocol.common import Send, StartTLS, value_class
 
 __all__ = [
     "Send",
@@ -35,18 +34,16 @@ PREMATURE_EOF = "upstream prematurely closed connection"
 
 CRLF = b"\r\n"
 
-# One LogPhase per action text (the machines' own constants), shared: it is immutable.
-_PHASES = {}
 
 
-@dataclass(frozen=True)
+@value_class
 class LogPhase:
     """From now on, log lines about this session end in ``while <action>``."""
 
     action: str
 
 
-@dataclass(frozen=True)
+@value_class
 class LoggedIn:
     """The backend accepted the login; the relay starts.
 
@@ -58,7 +55,7 @@ class LoggedIn:
     backend_pending: bytes
 
 
-@dataclass(frozen=True)
+@value_class
 class Failed:
     """The login is over; log ``log_message`` at ``level``, answer the client, close both sides.
 
@@ -69,6 +66,17 @@ class Failed:
     level: str
     log_message: str
     client_reply: Optional[bytes]
+
+
+# One LogPhase per action text (the machines' own constants), shared: it is never changed.
+_PHASES = {}
+
+
+def _log_phase(action: str) -> LogPhase:
+    phase = _PHASES.get(action)
+    if phase is None:
+        phase = _PHASES[action] = LogPhase(action)
+    return phase
 
 
 def line_end(buffer: bytes, start: int, minimum: int = 4) -> int:
@@ -146,15 +154,13 @@ class UpstreamLogin:
 
     def _phase(self, action: str) -> List[object]:
         self.phase = action
-        phase = _PHASES.get(action)
-        if phase is None:
-            phase = _PHASES[action] = LogPhase(action)
-        return [phase]
+        return [_log_phase(action)]
 
     def _step(self, action: str, line: bytes) -> List[object]:
         # The sending action covers the write only (a send() error names it); once the command is
         # out, nginx is back to "reading response from upstream" for whatever the backend answers.
-        return self._phase(action) + [Send(line)] + self._phase(READING)
+        self.phase = READING
+        return [_log_phase(action), Send(line), _log_phase(READING)]
 
     def _fail(self, level: str, message: str, reply: Optional[bytes]) -> List[object]:
         self._finished = True
