@@ -7,8 +7,9 @@ waits are the session's (``pause``): it watches its client while the gate waits,
 leaves ends both.
 
 ``ServerRuntime`` is what the sessions of one server block share in a worker (its protocol entry, the
-machines' config, auth client, cache, limiter, metrics), built once per configuration generation: a
-worker serves one generation, and the worker keeps one runtime per server block.
+machines' config, the fixed part of its auth_http requests, auth client, cache, limiter, metrics), built
+once per configuration generation: a worker serves one generation, and the worker keeps one runtime per
+server block.
 """
 
 import time
@@ -16,6 +17,7 @@ import time
 from mailproxy import metrics, throttle
 from mailproxy.auth_http import cache as auth_cache
 from mailproxy.auth_http.client import AuthHttpClient
+from mailproxy.auth_http.request import RequestTemplate
 from mailproxy.auth_http.response import TIMED_OUT, AuthError, AuthFail, AuthOk, AuthRetry, decide
 from mailproxy.log import escape_bytes
 from mailproxy.protocols import PROTOCOLS
@@ -46,12 +48,13 @@ class Verdict:
 class ServerRuntime:
     """One server block's shared parts in one worker."""
 
-    __slots__ = ("server", "protocol", "config", "auth", "cache", "limiter", "metrics")
+    __slots__ = ("server", "protocol", "config", "auth_request", "auth", "cache", "limiter", "metrics")
 
     def __init__(self, server, loop):
         self.server = server
         self.protocol = PROTOCOLS[server.protocol]
         self.config = self.protocol.config_class.from_server(server)
+        self.auth_request = RequestTemplate(server, server.protocol)
         self.auth = AuthHttpClient(server, loop)
         self.cache = auth_cache.cache_for(server)
         self.limiter = throttle.for_server(server)

@@ -29,7 +29,6 @@ from gevent.monkey import get_original
 
 from mailproxy import log as errorlog
 from mailproxy import login_gate, proxy_protocol, relay, resolver, session_log
-from mailproxy.auth_http import request as auth_request
 from mailproxy.backend_login import BackendLogin, BackendLoginFailed
 from mailproxy.events import READ, WRITE, Connection, Socket, failed_call
 from mailproxy.protocol.common import Authenticate, Close, Log, Send, StartTLS
@@ -589,10 +588,8 @@ class Session:
         self.login = attempt.login
         self.attempt = attempt
         self.action = "in http auth state"
-        request = auth_request.build(
-            self.server,
+        request = self.runtime.auth_request.build(
             attempt,
-            self.server.protocol,
             self.client_ip,
             client_host=self.client_host if self.runtime.protocol.resolves_client else None,
             proxy_protocol=self.proxy_protocol_info,

@@ -127,32 +127,59 @@ def build(server, attempt, protocol, client_ip, client_host=None, ssl=None, prox
     dst_port (src_addr None for ``PROXY UNKNOWN``); ``sni_name`` the TLS server name on addresses shared
     by SNI (ours). The headers of mailproxy's own features come last, so nginx's keep their order.
     """
-    keepalive = bool(getattr(server, "auth_http_keepalive", False))
-    method = attempt.method
-    lines = [
-        request_head(server.auth_http, keepalive),
-        b"Auth-Method: " + _one_line(method) + CRLF,
-        b"Auth-User: " + escape(attempt.login) + CRLF,
-        b"Auth-Pass: " + escape(attempt.password) + CRLF,
-    ]
-    if method in SALTED_METHODS and attempt.salt:
-        lines.append(_salt_line(attempt.salt))
-    lines.append(b"Auth-Protocol: " + _one_line(protocol) + CRLF)
-    lines.append(b"Auth-Login-Attempt: %d\r\n" % attempt.attempt)
-    lines.append(b"Client-IP: " + _one_line(client_ip) + CRLF)
-    if protocol == "smtp":
-        lines.append(b"Client-Host: " + _one_line(client_host or "[UNAVAILABLE]") + CRLF)
-    lines.extend(_proxy_lines(proxy_protocol))
-    if method == "none":
-        lines.append(b"Auth-SMTP-Helo: " + _one_line(attempt.helo) + CRLF)
-        lines.append(b"Auth-SMTP-From: " + _one_line(attempt.mail_from) + CRLF)
-        lines.append(b"Auth-SMTP-To: " + _one_line(attempt.rcpt_to) + CRLF)
-    if ssl is not None:
-        lines.extend(_ssl_lines(ssl, bool(getattr(server, "auth_http_pass_client_cert", False))))
-    lines.append(configured_headers(getattr(server, "auth_http_header", ())))
-    if sni_name:
-        lines.append(b"Auth-SSL-Server-Name: " + escape(_as_bytes(sni_name)) + CRLF)
-    if getattr(attempt, "imap_id", None):
-        lines.append(imap_id_line(attempt.imap_id))
-    lines.append(CRLF)
-    return b"".join(lines)
+    return RequestTemplate(server, protocol).build(attempt, client_ip, client_host, ssl, proxy_protocol, sni_name)
+
+
+class RequestTemplate:
+    """What one server's configuration fixes in its requests, made once (a session builds its request from
+    its server's, kept in the server's runtime): the request line and Host (with Connection for
+    keep-alive), Auth-Protocol, the auth_http_header lines."""
+
+    __slots__ = ("head", "protocol", "protocol_line", "headers", "pass_client_cert")
+
+    def __init__(self, server, protocol):
+        self.head = request_head(server.auth_http, bool(getattr(server, "auth_http_keepalive", False)))
+        self.protocol = protocol
+        self.protocol_line = b"Auth-Protocol: " + _one_line(protocol) + CRLF
+        self.headers = configured_headers(getattr(server, "auth_http_header", ()))
+        self.pass_client_cert = bool(getattr(server, "auth_http_pass_client_cert", False))
+
+    def build(self, attempt, client_ip, client_host=None, ssl=None, proxy_protocol=None, sni_name=None) -> bytes:
+        """The request for one attempt: ``build``'s, for this template's server and protocol."""
+        method = attempt.method
+        method_line = _METHOD_LINES.get(method)
+        if method_line is None:
+            method_line = b"Auth-Method: " + _one_line(method) + CRLF
+        lines = [
+            self.head,
+            method_line,
+            b"Auth-User: " + escape(attempt.login) + CRLF,
+            b"Auth-Pass: " + escape(attempt.password) + CRLF,
+        ]
+        if method in SALTED_METHODS and attempt.salt:
+            lines.append(_salt_line(attempt.salt))
+        lines.append(self.protocol_line)
+        lines.append(b"Auth-Login-Attempt: %d\r\n" % attempt.attempt)
+        lines.append(b"Client-IP: " + _one_line(client_ip) + CRLF)
+        if self.protocol == "smtp":
+            lines.append(b"Client-Host: " + _one_line(client_host or "[UNAVAILABLE]") + CRLF)
+        if proxy_protocol is not None:
+            lines.extend(_proxy_lines(proxy_protocol))
+        if method == "none":
+            lines.append(b"Auth-SMTP-Helo: " + _one_line(attempt.helo) + CRLF)
+            lines.append(b"Auth-SMTP-From: " + _one_line(attempt.mail_from) + CRLF)
+            lines.append(b"Auth-SMTP-To: " + _one_line(attempt.rcpt_to) + CRLF)
+        if ssl is not None:
+            lines.extend(_ssl_lines(ssl, self.pass_client_cert))
+        lines.append(self.headers)
+        if sni_name:
+            lines.append(b"Auth-SSL-Server-Name: " + escape(_as_bytes(sni_name)) + CRLF)
+        if getattr(attempt, "imap_id", None):
+            lines.append(imap_id_line(attempt.imap_id))
+        lines.append(CRLF)
+        return b"".join(lines)
+
+
+# The Auth-Method lines of the methods the machines name.
+_METHOD_LINES = {method: b"Auth-Method: " + method.encode("ascii") + CRLF
+                 for method in ("plain", "login", "apop", "cram-md5", "external", "none", "xoauth2", "oauthbearer")}
