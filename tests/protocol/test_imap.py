@@ -15,6 +15,7 @@ from imap_cases.helpers import ALL, EMPTY, SALT, b64, bad, info, ok
 from imap_cases.sasl_cases import SASL_CASES
 
 from mailproxy.protocol.common import AuthAttempt, Authenticate, Close, Log, Send, StartTLS
+from mailproxy.protocol import imap_parse
 from mailproxy.protocol.imap import ImapConfig, ImapMachine, State
 
 from support import nginxref
@@ -199,6 +200,18 @@ def test_any_cut_gives_the_same_actions(config, tls, data, size):
         pieces.receive_data(data[i : i + size]) for i in range(0, len(data), size)))
     assert got == expected
     assert pieces.state is whole.state and pieces.trailing_data() == whole.trailing_data()
+
+
+lines = st.tuples(st.one_of(soup, st.binary(max_size=60)), st.sampled_from([b"\r\n", b"\n", b" \r\n", b"\r", b""]))
+
+
+@given(lines, st.sampled_from([8, 40, 4096]), st.booleans())
+def test_the_common_line_reads_as_any_line(line, limit, client_id):
+    # parse_line answers the commonest lines at one go (imap_parse._SIMPLE); whatever it answers must be
+    # what the general tokenizer answers for the same bytes.
+    data = line[0] + line[1]
+    assert imap_parse.parse_line(data, limit, False, client_id) == imap_parse._parse(
+        bytes(data[:limit]), limit, False, client_id, False)
 
 
 # --- the same transcripts against nginx 1.22 -------------------------------------------------------
