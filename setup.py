@@ -1,4 +1,5 @@
-"""Build mailproxy, its Cython relay (mailproxy/_splice.pyx) and its OpenSSL bridge (mailproxy/_openssl.pyx)."""
+"""Build mailproxy, its Cython relay (mailproxy/_splice.pyx), socket calls (mailproxy/_netio.pyx) and OpenSSL bridge
+(mailproxy/_openssl.pyx)."""
 
 import sys
 
@@ -39,6 +40,8 @@ def extensions():
     return cythonize(
         [
             Extension("mailproxy._splice", ["mailproxy/_splice.pyx"]),
+            # recv/send for the session before the relay, without socket.socket's GIL round trip.
+            Extension("mailproxy._netio", ["mailproxy/_netio.pyx"]),
             # Linked with the system libssl, the one CPython's _ssl uses: both must see one SSL_CTX.
             Extension("mailproxy._openssl", ["mailproxy/_openssl.pyx"], libraries=["ssl", "crypto"]),
         ],

@@ -17,6 +17,7 @@ import ssl
 
 import _socket
 
+from mailproxy import _netio
 from mailproxy.log import errno_text
 from mailproxy.tls.openssl import bridge as _bridge
 from mailproxy.tls.openssl import ssl_error_text
@@ -84,11 +85,10 @@ class Connection:
         """Bytes, b"" at EOF, or None when the call would block (``want`` says on what)."""
         sslobj = self.sslobj
         if sslobj is None:
-            try:
-                return self.sock.recv(size)
-            except BlockingIOError:
+            data = _netio.recv(self.fd, size)
+            if data is None:
                 self.want = READ
-                return None
+            return data
         try:
             return sslobj.read(size)
         except ssl.SSLWantReadError:
@@ -113,11 +113,11 @@ class Connection:
         """Bytes of ``data`` written; 0 when the call would block (``want`` says on what)."""
         sslobj = self.sslobj
         if sslobj is None:
-            try:
-                return self.sock.send(data)
-            except BlockingIOError:
+            sent = _netio.send(self.fd, data)
+            if sent is None:
                 self.want = WRITE
                 return 0
+            return sent
         try:
             return sslobj.write(data)
         except ssl.SSLWantWriteError:
