@@ -84,6 +84,8 @@ class Worker:
         self.config = config
         self.bindings = bindings
         self.counter = counter
+        self._counter_lock = counter.get_lock()
+        self._counter_cell = counter.get_obj()
         self.log = log
         self.handler = handler
         # The session's own handler runs on the loop, from the accept callback; a handler without the
@@ -140,9 +142,15 @@ class Worker:
         return found
 
     def next_connection_number(self):
-        with self.counter.get_lock():
-            self.counter.value += 1
-            return self.counter.value
+        # The shared value's lock and ctypes cell, used directly: the Synchronized wrapper's context
+        # manager and value property are four Python calls a connection.
+        lock, cell = self._counter_lock, self._counter_cell
+        lock.acquire()
+        try:
+            cell.value += 1
+            return cell.value
+        finally:
+            lock.release()
 
     def session_started(self, closer):
         import gevent
