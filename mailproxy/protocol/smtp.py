@@ -10,6 +10,7 @@ after every line (spec 9.13), so "too long command" only means one line did not 
 ``smtp_client_buffer``.
 """
 
+import re
 from dataclasses import dataclass
 
 from mailproxy.log import escape_bytes
@@ -39,6 +40,7 @@ COMMANDS = frozenset(
 )
 # Methods that must be enabled in smtp_auth to be accepted; PLAIN and LOGIN always are (spec 8.2).
 GATED_METHODS = frozenset(("cram-md5", "external", "xoauth2", "oauthbearer"))
+_LETTERS = re.compile(rb"[A-Za-z]*")
 # Client bytes that must never reach an auth request header or a backend command (header injection).
 _UNSAFE = (b"\0", b"\r", b"\n")
 
@@ -90,39 +92,28 @@ def _scan_arguments(line: bytes, pos: int, in_argument: bool):
 
     Returns (arguments, offset just past the last argument). Runs of spaces separate arguments, a CR is
     only allowed right before the final LF, and an argument takes any other byte (NUL included: what to
-    do with those is the handlers' business).
+    do with those is the handlers' business). ``in_argument``: the first argument starts at ``pos`` even
+    when it is empty (a SASL response line). One split for the line, not a Python step a byte (an AUTH
+    PLAIN line cost 21,000 instructions so; callgrind).
     """
-    args = []
-    start = last_end = pos
     end = len(line) - 1  # the LF
-    while pos < end:
-        byte = line[pos]
-        if in_argument:
-            if byte == SP or byte == CR:
-                args.append(line[start:pos])
-                last_end = pos
-                in_argument = False
-                if byte == CR:
-                    return (args, last_end) if pos + 1 == end else None
-        elif byte == CR:
-            return (args, last_end) if pos + 1 == end else None
-        elif byte != SP:
-            if len(args) >= MAX_ARGUMENTS:
-                return None
-            start = pos
-            in_argument = True
-        pos += 1
-    if in_argument:
-        args.append(line[start:end])
-        last_end = end
-    return args, last_end
+    cr = line.find(b"\r", pos, end)
+    if cr >= 0:
+        if cr != end - 1:
+            return None
+        end = cr
+    words = line[pos:end].split(b" ")
+    args = [word for word in words if word]
+    if in_argument and not words[0]:
+        args.insert(0, b"")
+    if len(args) > MAX_ARGUMENTS:
+        return None
+    return args, pos + len(line[pos:end].rstrip(b" "))
 
 
 def parse_command(line: bytes):
     """(VERB, arguments, raw text up to the last argument) for one line ending in LF, or None."""
-    length = 0
-    while 0x41 <= line[length] <= 0x5A or 0x61 <= line[length] <= 0x7A:
-        length += 1
+    length = _LETTERS.match(line).end()
     verb = line[:length].upper()
     if verb not in COMMANDS or line[length] not in (SP, CR, LF):
         return None

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailproxy.protocol import sasl
+from mailproxy.protocol import sasl, smtp
 from mailproxy.protocol.common import AuthAttempt, Authenticate, Close, Log, Send, StartTLS
 from mailproxy.protocol.smtp import SmtpConfig, SmtpMachine, State
 
@@ -605,3 +605,40 @@ def test_same_bytes_as_nginx():
             ours = [machine.greeting()] + [machine.receive_data(chunk) for chunk in chunks]
             sent = b"".join(a.data for actions in ours for a in actions if isinstance(a, Send))
             assert nginxref.exchange(port, chunks, settle=0.15) == sent, chunks
+
+
+def _byte_by_byte_arguments(line, pos, in_argument):
+    """nginx's argument scan as its state machine reads it, a byte at a time: the reference that
+    smtp._scan_arguments's one split must agree with."""
+    args = []
+    start = last_end = pos
+    end = len(line) - 1
+    while pos < end:
+        byte = line[pos]
+        if in_argument:
+            if byte in (0x20, 0x0D):
+                args.append(line[start:pos])
+                last_end = pos
+                in_argument = False
+                if byte == 0x0D:
+                    return (args, last_end) if pos + 1 == end else None
+        elif byte == 0x0D:
+            return (args, last_end) if pos + 1 == end else None
+        elif byte != 0x20:
+            if len(args) >= smtp.MAX_ARGUMENTS:
+                return None
+            start = pos
+            in_argument = True
+        pos += 1
+    if in_argument:
+        args.append(line[start:end])
+        last_end = end
+    return args, last_end
+
+
+@given(st.lists(st.sampled_from([b"", b"a", b"AUTH", b"PLAIN", b"a\tb", b"\0", b"=", b"\r", b"x\r"]), max_size=16),
+       st.sampled_from([b"\n", b"\r\n", b" \r\n", b"\r\r\n"]), st.integers(0, 8), st.booleans())
+def test_arguments_split_as_nginx_scans_them(words, ending, pos, in_argument):
+    line = b" ".join(words) + ending
+    pos = min(pos, len(line) - 1)
+    assert smtp._scan_arguments(line, pos, in_argument) == _byte_by_byte_arguments(line, pos, in_argument)
