@@ -35,7 +35,6 @@ PREMATURE_EOF = "upstream prematurely closed connection"
 CRLF = b"\r\n"
 
 
-
 @value_class
 class LogPhase:
     """From now on, log lines about this session end in ``while <action>``."""
