@@ -28,28 +28,14 @@ def recv(int fd, Py_ssize_t size):
     cdef bytes data
     if size > _STACK_READ:
         data = PyBytes_FromStringAndSize(NULL, size)
-        got = _recv(fd, PyBytes_AS_STRING(data), size)
+        got = _call(fd, PyBytes_AS_STRING(data), size, False)
         if got < 0:
             return None
         return data if got == size else data[:got]
-    got = _recv(fd, buf, size)
+    got = _call(fd, buf, size, False)
     if got < 0:
         return None
     return PyBytes_FromStringAndSize(buf, got)
-
-
-cdef ssize_t _recv(int fd, char *buf, Py_ssize_t size) except -2:
-    cdef ssize_t got
-    while True:
-        got = c_recv(fd, buf, <size_t> size, 0)
-        if got >= 0:
-            return got
-        if errno == EINTR:
-            continue
-        if errno == EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
-            return -1
-        PyErr_SetFromErrno(OSError)
-        return -2
 
 
 def send(int fd, data):
@@ -57,11 +43,11 @@ def send(int fd, data):
     cdef Py_buffer view
     cdef ssize_t sent
     if PyBytes_CheckExact(data):
-        sent = _send(fd, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        sent = _call(fd, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), True)
     else:
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            sent = _send(fd, <const char *> view.buf, view.len)
+            sent = _call(fd, <char *> view.buf, view.len, True)
         finally:
             PyBuffer_Release(&view)
     if sent < 0:
@@ -69,16 +55,20 @@ def send(int fd, data):
     return sent
 
 
-cdef ssize_t _send(int fd, const char *buf, Py_ssize_t size) except -2:
-    cdef ssize_t sent
+cdef ssize_t _call(int fd, char *buf, Py_ssize_t size, bint sending) except -2:
+    """One recv(2) or send(2): the bytes moved, -1 for would-block, -2 with OSError set."""
+    cdef ssize_t done
     while True:
-        # Flags 0, as socket.send: SIGPIPE is ignored in a Python process, so a gone peer is EPIPE.
-        sent = c_send(fd, buf, <size_t> size, 0)
-        if sent >= 0:
-            return sent
+        # Flags 0, as socket.socket's: SIGPIPE is ignored in a Python process, so a gone peer is EPIPE.
+        if sending:
+            done = c_send(fd, buf, <size_t> size, 0)
+        else:
+            done = c_recv(fd, buf, <size_t> size, 0)
+        if done >= 0:
+            return done
         if errno == EINTR:
             continue
-        if errno == EAGAIN:
+        if errno == EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
             return -1
         PyErr_SetFromErrno(OSError)
         return -2
