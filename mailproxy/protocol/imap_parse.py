@@ -34,18 +34,18 @@ DIGITS = frozenset(b"0123456789")
 VERBS = frozenset((b"NOOP", b"CAPABILITY", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE"))
 ID = b"ID"  # RFC 2971, only with imap_client_id (ours)
 VERBS_WITH_ID = VERBS | {ID}
-# The scans of the common line, each one regular-expression match instead of a Python loop a byte (a
-# LOGIN line cost 36,000 instructions so; callgrind): a tag of up to MAX_TAG TAG_CHARS, the spaces and
-# letters of a verb, an atom up to SP, CR or LF.
+# The tokenizer's scans, each one regular-expression match instead of a Python loop a byte (a LOGIN line
+# cost 36,000 instructions so; callgrind): a tag of up to MAX_TAG TAG_CHARS, the spaces and letters of a
+# verb, an atom up to SP, CR or LF.
 _TAG = re.compile(rb"[A-Za-z0-9\-._]{0,%d}" % MAX_TAG)
+_VERB = re.compile(rb" *([A-Za-z]*)")
+_ATOM = re.compile(rb"[^ \r\n]*")
 # A whole line as most clients write every command: tag, spaces, a word of letters, up to MAX_ARGS atoms
 # (an argument that starts with neither a quote nor a brace: up to SP, CR or LF), the line end. Such a line
 # needs none of _parse's states; read at one go, a LOGIN line costs 15,000 instructions instead of 31,000.
 _SIMPLE = re.compile(rb"(%s) +([A-Za-z]+)((?: +[^ \r\n\"{][^ \r\n]*){0,%d}) *\r?\n"
                      % (_TAG.pattern, MAX_ARGS))
 _COMPLETE = Kind.COMPLETE
-_VERB = re.compile(rb" *([A-Za-z]*)")
-_ATOM = re.compile(rb"[^ \r\n]*")
 
 
 def parse_line(buf: bytes, limit: int, continuation: bool, client_id: bool = False,
