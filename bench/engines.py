@@ -151,15 +151,16 @@ class Engine:
             text += "    %s\n" % (block % {"port": self.ports[name]})
         return text
 
-    def start(self, cwd=ROOT):
-        """``cwd``: the source tree mailproxy is imported from (the bench's own by default)."""
+    def start(self, cwd=ROOT, wrapper=(), timeout=20):
+        """``cwd``: the source tree mailproxy is imported from (the bench's own by default); ``wrapper``:
+        a command the master runs under (valgrind, for bench.instructions), ``timeout`` then longer."""
         if self.kind == "nginx":
             argv = [NGINX, "-p", self.prefix, "-c", self.conf, "-g", "daemon off; master_process on;"]
         else:
             argv = [sys.executable, "-m", "mailproxy.cli", "-p", self.prefix, "-c", self.conf,
                     "-g", "daemon off;", "start"]
-        self.group = Group(argv, self.label, cwd=cwd)
-        wait_ready(self.group, self.port, self.workers)
+        self.group = Group(list(wrapper) + argv, self.label, cwd=cwd)
+        wait_ready(self.group, self.port, self.workers, timeout)
         return self
 
     def pids(self):
