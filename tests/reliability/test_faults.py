@@ -137,8 +137,17 @@ def test_slowloris_bounded_by_timeout(edge):
     while slow and time.monotonic() - started < 12:
         # One byte a second on each connection; the proxy's reply (EOF) is awaited, not slept on.
         for conn, line in list(slow.items()):
-            conn.sendall(line[sent % len(line):sent % len(line) + 1])
+            try:
+                conn.sendall(line[sent % len(line):sent % len(line) + 1])
+            except ConnectionResetError:
+                # The proxy closed it while our last byte sat unread, so the kernel answered that byte
+                # with a reset, after the select below had already returned for another connection's FIN.
+                closed_after[conn] = time.monotonic() - started
+                conn.close()
+                del slow[conn]
         sent += 1
+        if not slow:
+            break
         readable, _, _ = select.select(list(slow), [], [], 1.0)
         for conn in readable:
             if read_until_close(conn) == b"":
