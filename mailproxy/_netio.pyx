@@ -16,9 +16,10 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t c_recv "recv"(int fd, void *buf, size_t n, int flags)
     ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)
 
-# A read lands here first and is copied out at its size: a 20-byte command costs a 20-byte object, not a
-# 16 KiB one shrunk afterwards.
-DEF _STACK_READ = 16384
+cdef enum:
+    # A read lands here first and is copied out at its size: a 20-byte command costs a 20-byte object,
+    # not a 16 KiB one shrunk afterwards.
+    _STACK_READ = 16384
 
 
 def recv(int fd, Py_ssize_t size):
