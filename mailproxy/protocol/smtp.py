@@ -102,13 +102,14 @@ def _scan_arguments(line: bytes, pos: int, in_argument: bool):
         if cr != end - 1:
             return None
         end = cr
-    words = line[pos:end].split(b" ")
+    rest = line[pos:end]
+    words = rest.split(b" ")
     args = [word for word in words if word]
     if in_argument and not words[0]:
         args.insert(0, b"")
     if len(args) > MAX_ARGUMENTS:
         return None
-    return args, pos + len(line[pos:end].rstrip(b" "))
+    return args, pos + len(rest.rstrip(b" "))
 
 
 def parse_command(line: bytes):
