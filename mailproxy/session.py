@@ -215,10 +215,14 @@ class Session:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
+        # A bound method of this session: kept past its use, it would make the session a reference
+        # cycle that only the collector frees (every relayed session, with all it holds).
+        self.expiry = None
 
     def expired(self):
+        expiry = self.expiry
         self.disarm()
-        self.expiry()
+        expiry()
 
     def timed_out(self):
         self.result = "timeout"
@@ -500,7 +504,8 @@ class Session:
             return
         self.ssl_info = client_tls.session_info(tls_sock, self.server)
         self.action = None
-        self.handshake_then()
+        then, self.handshake_then = self.handshake_then, None
+        then()
 
     def handshake_error(self, exc):
         self.handshake_failed("error")
@@ -574,7 +579,8 @@ class Session:
         self.client.stop()
         self.pause_timer.close()
         self.pause_timer = None
-        self.pause_then()
+        then, self.pause_then = self.pause_then, None
+        then()
 
     def login_done(self, result):
         """The verdict on one login attempt, counted once (metrics.LOGIN_RESULTS says what each means)."""
@@ -744,14 +750,18 @@ class Session:
             if timer is not None:
                 timer.close()
         self.timer = self.write_timer = self.pause_timer = None
-        if self.gate is not None:
-            self.gate.cancel()
+        self.expiry = self.handshake_then = self.pause_then = None  # bound methods of this session
+        # The gate and the backend login hold callbacks bound to this session: dropped with them.
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            gate.cancel()
         if self.resolving is not None and self.resolving is not gevent.getcurrent():
             self.resolving.kill(block=False)
         # The backend closes after the client's last reply, which has been written by now.
         self.client.close()
-        if self.backend is not None:
-            self.backend.cancel()
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.cancel()
         self.finished(0, 0)
         self.worker.session_finished(self.token)
 

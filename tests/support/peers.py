@@ -125,7 +125,7 @@ class Edge:
     """A running mailproxy with three servers, its auth server and one fake backend per protocol."""
 
     def __init__(self, mailproxy_master, workers=1, connections=512, main="", mail="", modes=None,
-                 imap_auth_http=None):
+                 imap_auth_http=None, handler=None):
         modes = modes or {}
         self.backends = {p: FakeBackend(p, modes.get(p, "ok")) for p in ("imap", "pop3", "smtp")}
         self.auth = RecordingAuthServer(USERS, {p: ("127.0.0.1", b.port) for p, b in self.backends.items()})
@@ -137,7 +137,7 @@ class Edge:
             # Only the IMAP server meets the faulty auth server: POP3 and SMTP bystanders log in meanwhile.
             self.config = self.config.replace(
                 "protocol imap; }", "protocol imap; auth_http %s; }" % imap_auth_http)
-        self.master = mailproxy_master(self.config, handler=None)
+        self.master = mailproxy_master(self.config, handler=handler)
         self.first_workers = self.master.workers()
 
     def set_backend(self, protocol, backend):
