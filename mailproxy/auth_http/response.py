@@ -167,6 +167,9 @@ class ReplyParser:
         # Only the first `limit` bytes are ever looked at, as nginx's buffer holds no more.
         view = self._buf[: self.limit]
         if self._in_status is None:
+            whole = self._whole_block(view)
+            if whole is not None:
+                return whole
             if len(view) < 5 and b"HTTP/".startswith(view):
                 return self._check_limit(view)
             self._in_status = view.startswith(b"HTTP/")
@@ -190,6 +193,31 @@ class ReplyParser:
                 self._header_line(line)
             self._pos = next_pos
 
+    def _whole_block(self, view: bytes) -> Optional[AuthReply]:
+        """The common reply, read in one go: its whole header block in the first bytes, every line
+        ending in CRLF. A bare LF (a line end too, for nginx) sends it line by line (None); a stray CR
+        is in the same line either way, where the line's reader refuses it."""
+        end = view.find(b"\r\n\r\n")
+        if end <= 0:
+            return None
+        head = view[:end]
+        lines = head.split(b"\r\n")
+        if head.count(b"\n") != len(lines) - 1:
+            return None
+        first = lines[0]
+        if not first:
+            return None  # the block ends before it starts: the line-by-line path says how
+        if first.startswith(b"HTTP/"):
+            self._status_line(first)
+            del lines[0]
+        for line in lines:
+            self._header_line(line)
+        self._in_status = False
+        self.done = True
+        self.body = self._buf[end + 4 :]
+        self._buf = b""
+        return self.reply
+
     def _check_limit(self, view: bytes) -> None:
         if len(view) < self.limit:
             return None
@@ -211,7 +239,7 @@ class ReplyParser:
         return match.end(1) == len(partial) or partial[match.end(1) : match.end(1) + 1] == b":"
 
     def _status_line(self, line: bytes) -> None:
-        if b"\r" in line:
+        if line.find(b"\r") >= 0:  # not `in`: for bytes, `in` tries an int first and costs an exception
             raise AuthHttpError("auth http server %s sent invalid response" % self.peer)
         version, _, rest = line.partition(b" ")
         self.reply.http_version = version
@@ -222,7 +250,7 @@ class ReplyParser:
     def _header_line(self, line: bytes) -> None:
         name, _, value = line.partition(b":")
         store = _HEADERS.get(name.lower())
-        if store is not None and b"\r" not in value:
+        if store is not None and value.find(b"\r") < 0:
             # A header we read has a name of token bytes (its lower case is a key): what _HEADER would
             # take as the value is the rest of the line without its spaces at either end.
             store(self.reply, value.strip(b" "))

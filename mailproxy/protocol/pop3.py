@@ -101,7 +101,7 @@ class Pop3Config(ServerConfig):
 
 def parse_command(line: bytes):
     """``(verb, args)`` for a command line without its line end, or None for a parse error."""
-    if b"\r" in line:
+    if line.find(b"\r") >= 0:  # not `in`: for bytes, `in` tries an int first and costs an exception
         return None
     match = _VERB.match(line)
     if match is None:
@@ -125,7 +125,7 @@ def parse_response(line: bytes):
 
     The first token starts at the first byte (a leading space makes it empty); only it is used.
     """
-    if b"\r" in line:
+    if line.find(b"\r") >= 0:
         return None
     first, *rest = line.split(b" ")
     tokens = [first] + [word for word in rest if word]

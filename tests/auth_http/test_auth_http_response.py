@@ -3,7 +3,7 @@
 import socket
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mailproxy.auth_http import response
@@ -309,3 +309,42 @@ def test_fuzz_known_names_read_as_the_regular_expression_reads_them(lines):
     """Known header names take a fast path; what it stores, and what it refuses, must be the expression's."""
     data = b"".join(case(name) + sep + value + pad + b"\r\n" for name, case, sep, value, pad in lines) + b"\r\n"
     assert _read_with(ReplyParser, data) == _read_with(_RegexParser, data)
+
+
+def _outcome_of(feed, data, limit):
+    parser = ReplyParser(PEER, limit)
+    try:
+        if feed == "whole":
+            reply = parser.feed(data)
+        else:
+            reply = None
+            for i in range(len(data)):
+                reply = parser.feed(data[i : i + 1])
+                if reply is not None:
+                    if data[i + 1 :]:
+                        parser.feed(data[i + 1 :])  # the body's bytes, as the exchange hands them on
+                    break
+    except AuthHttpError as exc:
+        return ("error", exc.message)
+    return ("reply", reply, parser.body if reply is not None else None)
+
+
+# The lines a reply is made of, each with its line end (CRLF mostly, else what must send the reply down
+# the line-by-line path: a bare LF, a stray CR, none), then how the block ends and a body.
+reply_lines = st.lists(st.tuples(
+    st.sampled_from([b"HTTP/1.0 200 OK", b"HTTP/1.1 204 x", b"HTTP/", b"Auth-Status: OK", b"Auth-Status: WAIT",
+                     b"Auth-Wait: 1", b"Auth-Server: 127.0.0.1", b"Auth-Port: 143", b"auth-user:bob", b"X-Other: y",
+                     b"Content-Length: 3", b"Connection: keep-alive", b"", b" ", b"Auth-Pass: a\rb", b"\x00"]),
+    st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b""])), max_size=8)
+block_ends = st.sampled_from([b"\r\n", b"\r\n", b"\n", b"", b"\r\n\r\n"])
+
+
+@settings(max_examples=500)
+@example([(b"", b"\r\n"), (b"Auth-Status: OK", b"\r\n")], b"\r\n", b"", 1024)  # the block ends at once
+@example([(b"Auth-Status: OK", b"\n"), (b"Auth-Port: 143", b"\r\n")], b"\r\n", b"", 1024)  # a bare LF ends a line
+@given(reply_lines, block_ends, st.sampled_from([b"", b"body"]), st.integers(min_value=16, max_value=1100))
+def test_fuzz_a_whole_reply_reads_as_one_fed_byte_by_byte(lines, block_end, body, limit):
+    """A reply whose whole header block comes at once is read in one go (ReplyParser._whole_block); fed
+    byte by byte it takes the line-by-line path. Both must reach the same reply, body and error."""
+    data = b"".join(line + end for line, end in lines) + block_end + body
+    assert _outcome_of("whole", data, limit) == _outcome_of("bytewise", data, limit)
