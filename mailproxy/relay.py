@@ -42,6 +42,7 @@ from typing import Callable
 import _socket
 import gevent
 
+from mailproxy import _netio
 from mailproxy.events import failed_call
 
 if os.environ.get("MAILPROXY_NO_SPLICE") == "1":
@@ -86,6 +87,7 @@ BUDGET = 4 * 1024 * 1024
 # Readiness a direction can wait for. AGAIN asks for a plain rerun: TLS may hold decrypted bytes that
 # no socket event will announce.
 CR, CW, BR, BW, AGAIN = 1, 2, 4, 8, 16
+_WATCHED = CR | CW | BR | BW  # the bits a watcher stands for; AGAIN is a loop callback
 _READ, _WRITE = 1, 2
 
 
@@ -155,7 +157,7 @@ class _Direction:
     """One way of the relay: src -> dst. run() moves what it can and returns the readiness it needs."""
 
     __slots__ = (
-        "recv_into", "send", "src_fd", "dst_fd", "src_ssl", "bufsize", "backlog", "scratch_view",
+        "read", "write", "src_fd", "dst_fd", "src_ssl", "bufsize", "backlog", "scratch_view",
         "pipe", "use_splice", "may_splice", "moved", "eof", "eof_reason", "need",
         "src_read", "src_write", "dst_read", "dst_write", "tls_pump", "pump_needs",
     )
@@ -164,9 +166,11 @@ class _Direction:
         # For TLS the SSL object itself is used (a ServerTls's, or the one under the backend's gevent
         # SSLSocket): gevent's send() reports would-block as 0 without saying whether SSL wants to read
         # or to write, and the watcher must know which.
+        # A plain side is its descriptor, read and written with mailproxy._netio (would-block is None;
+        # socket.socket's methods parse their arguments and drop the GIL for a call that cannot block).
         self.src_ssl = src if src_tls else None
-        self.recv_into = src.read if src_tls else src.recv_into
-        self.send = dst.write if dst_tls else dst.send
+        self.read = src.read if src_tls else None
+        self.write = dst.write if dst_tls else None
         self.src_fd = src_fd
         self.dst_fd = dst_fd
         self.bufsize = max(1, bufsize)
@@ -219,7 +223,12 @@ class _Direction:
         """Send the backlog; return 0 when it is gone, else the readiness to wait for."""
         while self.backlog:
             try:
-                n = self.send(self.backlog)
+                if self.write is None:
+                    n = _netio.send(self.dst_fd, self.backlog)
+                    if n is None:
+                        return self._park(self.dst_write)
+                else:
+                    n = self.write(self.backlog)
             except (BlockingIOError, ssl.SSLWantWriteError):
                 return self._park(self.dst_write)
             except ssl.SSLWantReadError:
@@ -253,9 +262,11 @@ class _Direction:
             buf = _scratch_for(self.bufsize)
             try:
                 if self.src_ssl is not None:
-                    n = self.recv_into(self.bufsize, buf)
+                    n = self.read(self.bufsize, buf)
                 else:
-                    n = self.recv_into(buf, self.bufsize)
+                    n = _netio.recv_into(self.src_fd, buf, self.bufsize)
+                    if n is None:
+                        return self.src_read
             except (BlockingIOError, ssl.SSLWantReadError):
                 return self.src_read
             except ssl.SSLWantWriteError:
@@ -366,7 +377,7 @@ class Relay:
 
     __slots__ = (
         "_loop", "_client", "_backend", "_client_fd", "_backend_fd", "_tls", "_backend_tls", "_c2b", "_b2c",
-        "_watchers", "_timer", "_timeout", "_last", "_on_close", "_closed", "_again_queued",
+        "_watchers", "_armed", "_timer", "_timeout", "_last", "_on_close", "_closed", "_again_queued",
     )
 
     def __init__(self, client_sock, backend_sock, client_pending, backend_pending, proxy_timeout,
@@ -403,6 +414,7 @@ class Relay:
         if SPLICE_AVAILABLE and not tls and not backend_tls:
             self._c2b.may_splice = self._b2c.may_splice = True
         self._watchers = [None, None, None, None]
+        self._armed = 0  # the readiness bits whose watcher is started (the readers come stopped)
         if readers is not None:
             self._watchers[0], self._watchers[2] = readers
         self._timeout = proxy_timeout
@@ -460,17 +472,22 @@ class Relay:
         self._arm(c2b.need | b2c.need)
 
     def _arm(self, want):
-        watchers = self._watchers
-        for i, bit, handler in _ARMED:
-            w = watchers[i]
-            if want & bit:
-                if w is None:
-                    fd = self._client_fd if bit & (CR | CW) else self._backend_fd
-                    w = watchers[i] = self._loop.io(fd, _READ if bit & (CR | BR) else _WRITE)
-                if not w.active:
-                    w.start(handler, self)
-            elif w is not None and w.active:
-                w.stop()
+        # Most events leave the wanted readiness as it was (a read that drained its socket wants the
+        # same read again): then no watcher is touched.
+        changed = (want ^ self._armed) & _WATCHED
+        if changed:
+            watchers = self._watchers
+            for i, bit, handler in _ARMED:
+                if changed & bit:
+                    w = watchers[i]
+                    if want & bit:
+                        if w is None:
+                            fd = self._client_fd if bit & (CR | CW) else self._backend_fd
+                            w = watchers[i] = self._loop.io(fd, _READ if bit & (CR | BR) else _WRITE)
+                        w.start(handler, self)
+                    else:
+                        w.stop()
+            self._armed = want & _WATCHED
         if want & AGAIN and not self._again_queued:
             self._again_queued = True
             self._loop.run_callback(self._on_again)
@@ -506,6 +523,7 @@ class Relay:
                 w.stop()
                 w.close()
         self._watchers = [None, None, None, None]
+        self._armed = 0
         if self._timer is not None:
             self._timer.close()
             self._timer = None
