@@ -920,7 +920,6 @@ cdef extern from "<sys/socket.h>" nogil:
     int c_setsockopt "setsockopt"(int fd, int level, int name, const void *value, unsigned int size)
     enum:
         MSG_NOSIGNAL
-        MSG_MORE
 
 cdef extern from "<netinet/in.h>" nogil:
     enum:
@@ -935,7 +934,6 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_write(SSL *ssl, const void *buf, int num)
     int SSL_get_error(const SSL *ssl, int ret)
     int SSL_has_pending(const SSL *ssl)
-    int SSL_pending(const SSL *ssl)
     void SSL_set_read_ahead(SSL *ssl, int yes)
     void SSL_CTX_set_read_ahead(SSL_CTX *ctx, int yes)
     enum:
@@ -947,6 +945,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
         SSL_ERROR_ZERO_RETURN
         SSL_R_UNEXPECTED_EOF_WHILE_READING
         ERR_LIB_SSL
+        SSL3_RT_MAX_PLAIN_LENGTH
 
 cdef extern from "<openssl/err.h>" nogil:
     unsigned long ERR_peek_last_error()
@@ -1055,13 +1054,13 @@ cdef int _read_src(SSL *ssl, int fd, char *buf, int size, int *got, _pump_err *e
 
 
 cdef int _write_dst(SSL *ssl, int fd, const char *buf, Py_ssize_t size, Py_ssize_t *put,
-                    _pump_err *err, int more) noexcept nogil:
+                    _pump_err *err) noexcept nogil:
     cdef int r, e, saved
     cdef ssize_t n
     cdef unsigned long code
     if ssl == NULL:
         while True:
-            n = c_send(fd, buf, <size_t> size, MSG_NOSIGNAL | (MSG_MORE if more else 0))
+            n = c_send(fd, buf, <size_t> size, MSG_NOSIGNAL)
             if n >= 0:
                 put[0] = n
                 return -1
@@ -1099,10 +1098,12 @@ cdef class TlsPump:
 
     ``src``/``dst``: an SSL socket or SSLObject (reached through the bridge's checked accessor) or
     None for a plain side, whose descriptor is ``src_fd``/``dst_fd``. ``read_size`` bounds every read
-    (client_buffer from the client, proxy_buffer from the backend); ``pending``: login leftovers, sent
-    first. Bytes the destination did not take stay in a buffer of at most ``read_size`` (leftovers:
-    their own size) until run() delivers them; an idle direction holds no buffer. A run that writes more
-    than one record to a TLS destination corks its socket until the run ends (see _run). Every run
+    from a plain source (client_buffer from the client, proxy_buffer from the backend); a TLS source is
+    read a record at a time (16 KiB at most) when ``read_size`` is smaller. ``pending``: login
+    leftovers, sent first. Bytes the destination did not take stay in a buffer of one read at most
+    (leftovers: their own size) until run() delivers them; an idle direction holds no buffer. A run
+    that writes more than one record to a TLS destination corks its socket until the run ends (see
+    _run). Every run
     happens in the thread that owns the sockets (the hub's): OpenSSL allows one caller per SSL at a time.
     """
 
@@ -1140,6 +1141,13 @@ cdef class TlsPump:
         self.src_fd = src_fd
         self.dst_fd = dst_fd
         self.may_cork = self.dst_ssl != NULL
+        if self.src_ssl != NULL and read_size < SSL3_RT_MAX_PLAIN_LENGTH:
+            # OpenSSL holds a record's plaintext whole once it is decrypted. Read out in client_buffer
+            # slices (4 KiB by default), a record went to a plain backend as four send(2) calls, each
+            # pushed as a segment of its own under TCP_NODELAY: uploads ran at 0.82-0.86x nginx's MB/s
+            # for 1.10x its CPU per GiB; a record a read, at 0.99x for 0.88x (bench/RESULTS.md). What
+            # the pump holds for a stalled destination stays one record at most.
+            read_size = SSL3_RT_MAX_PLAIN_LENGTH
         # SSL_read takes an int; a record is 16 KiB at most, so more than 1 GiB per call gains nothing.
         self.read_size = <int> max(1, min(read_size, 1 << 30))
         cdef const unsigned char[:] view
@@ -1196,7 +1204,7 @@ cdef class TlsPump:
         return moved, status
 
     cdef int _run(self, Py_ssize_t max_bytes, Py_ssize_t *moved, _pump_err *err, int *corked) noexcept nogil:
-        cdef int status, got, more
+        cdef int status, got
         cdef int on = 1
         cdef int writes = 0
         cdef Py_ssize_t put
@@ -1207,20 +1215,14 @@ cdef class TlsPump:
                     # reply's sake) would send each record as a segment of its own: 315 segments a
                     # MiB against nginx's 67, whose mail sockets keep Nagle (measured, OutSegs).
                     # Corked until the run ends they leave in full segments (55 a MiB); a run with
-                    # one record, a reply, goes out at once as before. SSL_write takes no MSG_MORE,
-                    # which does this for a plain destination; a Unix socket takes no cork.
+                    # one record, a reply, goes out at once as before. SSL_write takes no MSG_MORE;
+                    # a Unix socket takes no cork.
                     if c_setsockopt(self.dst_fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(on)) == 0:
                         corked[0] = 1
                     else:
                         self.may_cork = False
                 writes += 1
-                # A record read client_buffer (or proxy_buffer) bytes at a time: while the SSL still
-                # holds decrypted bytes of it, the next send follows at once, so this one is sent with
-                # MSG_MORE and the pieces leave as one segment, as Nagle would gather them had the
-                # relay not set TCP_NODELAY. The last piece goes without it: nothing waits.
-                more = self.src_ssl != NULL and self.dst_ssl == NULL and SSL_pending(self.src_ssl) > 0
-                status = _write_dst(self.dst_ssl, self.dst_fd, self.buf + self.off, self.nheld, &put, err,
-                                    more)
+                status = _write_dst(self.dst_ssl, self.dst_fd, self.buf + self.off, self.nheld, &put, err)
                 if status >= 0:
                     return status
                 self.off += put

@@ -203,8 +203,8 @@ def test_both_ways_at_once(tls_proxy, side, size):
 
 @pytest.mark.parametrize("side", SIDES)
 def test_login_leftovers_go_first_small_buffers(tls_proxy, side):
-    """Leftovers larger than a read, and reads of a few bytes (proxy_buffer and client_buffer of 7):
-    every TLS record is split over many reads and the order still holds."""
+    """Leftovers larger than a read, and reads of a few bytes from a plain source (proxy_buffer and
+    client_buffer of 7; a TLS source is read a record at a time): the order still holds."""
     leftovers_c, leftovers_b = os.urandom(70000), os.urandom(70000)
     body = os.urandom(50000)
 
@@ -482,10 +482,9 @@ def recv_exactly(sock, n):
 @pytest.mark.parametrize("direction", ["down", "up"])
 @pytest.mark.parametrize("side", SIDES)
 def test_a_burst_leaves_nothing_behind(tls_proxy, side, direction):
-    """The pump sends the pieces of a TLS record with MSG_MORE while the SSL holds more of it, and the
-    last piece without: the tail of a burst (here 1 MiB + 777 bytes, not a whole number of segments)
-    arrives at once, not after a delayed ACK or the kernel's 200 ms cork timer. Five exchanges; the
-    fastest must be well under either."""
+    """Nothing of a burst stays behind: its tail (here 1 MiB + 777 bytes, not a whole number of
+    records or segments) arrives at once, not after a delayed ACK or the kernel's 200 ms cork timer.
+    Five exchanges; the fastest must be well under either."""
     size, rounds = (1 << 20) + 777, 5
     block = b"b" * size
 
