@@ -1103,8 +1103,8 @@ cdef class TlsPump:
     leftovers, sent first. Bytes the destination did not take stay in a buffer of one read at most
     (leftovers: their own size) until run() delivers them; an idle direction holds no buffer. A run
     that writes more than one record to a TLS destination corks its socket until the run ends (see
-    _run). Every run
-    happens in the thread that owns the sockets (the hub's): OpenSSL allows one caller per SSL at a time.
+    _run). Every run happens in the thread that owns the sockets (the hub's): OpenSSL allows one
+    caller per SSL at a time.
     """
 
     cdef object src_owner
@@ -1142,10 +1142,9 @@ cdef class TlsPump:
         self.dst_fd = dst_fd
         self.may_cork = self.dst_ssl != NULL
         if self.src_ssl != NULL and read_size < SSL3_RT_MAX_PLAIN_LENGTH:
-            # OpenSSL holds a record's plaintext whole once it is decrypted. Read out in client_buffer
-            # slices (4 KiB by default), a record went to a plain backend as four send(2) calls, each
-            # pushed as a segment of its own under TCP_NODELAY: uploads ran at 0.82-0.86x nginx's MB/s
-            # for 1.10x its CPU per GiB; a record a read, at 0.99x for 0.88x (bench/RESULTS.md). What
+            # OpenSSL holds a record's plaintext whole once it is decrypted: read out in client_buffer
+            # slices (4 KiB by default) it cost four send(2) calls a record to a plain backend where
+            # one does (an upload's CPU per GiB 0.92 -> 0.76, nginx's 0.86: bench/RESULTS.md). What
             # the pump holds for a stalled destination stays one record at most.
             read_size = SSL3_RT_MAX_PLAIN_LENGTH
         # SSL_read takes an int; a record is 16 KiB at most, so more than 1 GiB per call gains nothing.
