@@ -42,7 +42,8 @@ COMMANDS = frozenset(
 GATED_METHODS = frozenset(("cram-md5", "external", "xoauth2", "oauthbearer"))
 _LETTERS = re.compile(rb"[A-Za-z]*")
 # Client bytes that must never reach an auth request header or a backend command (header injection).
-_UNSAFE = (b"\0", b"\r", b"\n")
+# One search, not `in` a byte: for bytes, `in` first tries its operand as an int and costs an exception.
+_UNSAFE = re.compile(rb"[\0\r\n]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,4 +291,4 @@ def _redact_line(line: bytes) -> bytes:
 
 
 def _unsafe(value: bytes) -> bool:
-    return any(byte in value for byte in _UNSAFE)
+    return _UNSAFE.search(value) is not None
