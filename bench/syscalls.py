@@ -78,11 +78,15 @@ def run(ops, logins, concurrency):
     """{op: {engine label: {syscall: calls per login}}}."""
     helpers, started = [], []
     try:
-        backend, backend_port = engines.start_printing_port([sys.executable, "-m", "bench.backend"],
-                                                            "bench backend")
-        helpers.append(backend)
+        # One backend per protocol: the auth server sends each protocol's logins to its own port.
+        backend_ports = []
+        for protocol in ("imap", "pop3", "smtp"):
+            backend, port = engines.start_printing_port([sys.executable, "-m", "bench.backend", protocol],
+                                                        "bench %s backend" % protocol)
+            helpers.append(backend)
+            backend_ports.append(str(port))
         auth, auth_port = engines.start_printing_port(
-            [sys.executable, "-m", "bench.authserver", str(backend_port)], "bench auth server")
+            [sys.executable, "-m", "bench.authserver"] + backend_ports, "bench auth server")
         helpers.append(auth)
         for kind, keepalive in (("nginx", False), ("mailproxy", False), ("mailproxy", True)):
             started.append(engines.Engine(kind, 1, auth_port, keepalive).start())
