@@ -1098,8 +1098,8 @@ cdef class TlsPump:
 
     ``src``/``dst``: an SSL socket or SSLObject (reached through the bridge's checked accessor) or
     None for a plain side, whose descriptor is ``src_fd``/``dst_fd``. ``read_size`` bounds every read
-    from a plain source (client_buffer from the client, proxy_buffer from the backend); a TLS source is
-    read a record at a time (16 KiB at most) when ``read_size`` is smaller. ``pending``: login
+    (client_buffer from the client, proxy_buffer from the backend), raised to a TLS record (16 KiB) when
+    it is smaller: TLS on either side is read and written a record at a time. ``pending``: login
     leftovers, sent first. Bytes the destination did not take stay in a buffer of one read at most
     (leftovers: their own size) until run() delivers them; an idle direction holds no buffer. A run
     that writes more than one record to a TLS destination corks its socket until the run ends (see
@@ -1141,11 +1141,15 @@ cdef class TlsPump:
         self.src_fd = src_fd
         self.dst_fd = dst_fd
         self.may_cork = self.dst_ssl != NULL
-        if self.src_ssl != NULL and read_size < SSL3_RT_MAX_PLAIN_LENGTH:
-            # OpenSSL holds a record's plaintext whole once it is decrypted: read out in client_buffer
-            # slices (4 KiB by default) it cost four send(2) calls a record to a plain backend where
-            # one does (an upload's CPU per GiB 0.92 -> 0.76, nginx's 0.86: bench/RESULTS.md). What
-            # the pump holds for a stalled destination stays one record at most.
+        if read_size < SSL3_RT_MAX_PLAIN_LENGTH:
+            # Reads no larger than a TLS record, as nginx's mail proxy makes them (a page, 4 KiB, by
+            # default), cost a record's work per slice. A TLS source's record is held decrypted whole
+            # by OpenSSL: read out in slices it cost four send(2) calls a record to a plain backend
+            # (an upload's CPU per GiB 0.92 -> 0.76, nginx's 0.86). Towards a TLS destination every
+            # write is a record of its own: 4 KiB reads made four records, four encryptions and four
+            # write(2) where one does (eight streams down: CPU per GiB 1.52 -> 1.20, nginx's 1.36;
+            # bench/RESULTS.md). OpenSSL keeps a record-sized buffer per direction of an SSL anyway,
+            # so what the pump holds for a stalled destination, one record at most, is the same order.
             read_size = SSL3_RT_MAX_PLAIN_LENGTH
         # SSL_read takes an int; a record is 16 KiB at most, so more than 1 GiB per call gains nothing.
         self.read_size = <int> max(1, min(read_size, 1 << 30))

@@ -19,9 +19,11 @@ Shape, and why:
   one read, freed as soon as they are delivered. Without the bridge (or with MAILPROXY_TLS_PUMP=off),
   and for any session whose kernel refuses splice with EINVAL or a process started with
   MAILPROXY_NO_SPLICE=1, one user-space loop does the same in Python: read into a shared per-process
-  scratch buffer, send at once, and keep a private copy only of what the peer did not take. Reads on
-  both are bounded as nginx bounds them: client_buffer client->backend, proxy_buffer backend->client.
-  The splice path has no user buffer; its pipe (PIPE_SIZE) plays that part.
+  scratch buffer, send at once, and keep a private copy only of what the peer did not take. Reads are
+  bounded as nginx bounds them: client_buffer client->backend, proxy_buffer backend->client; the TLS
+  pump raises either to a TLS record (16 KiB) when it is smaller, so that each read and each write of
+  a TLS side is one whole record. The splice path has no user buffer; its pipe (PIPE_SIZE) plays that
+  part.
 * Readiness comes from the gevent hub, not from an event loop of our own in C. Measured with
   bench/relay_throughput.py on this (2-CPU, shared) host: a 1 GiB stream costs 560-770 pump calls, each
   wrapped in ~9 us of Python (callback, run, re-arm) around the system calls, i.e. <0.01 CPU-s/GiB of a
