@@ -134,9 +134,10 @@ class BackendLogin:
         self.metrics.connect_seconds.observe(self.connected_at - self.began)
         attempt, login, password = self.facts
         tls_mode = upstream_tls.wanted(server, self.ok.ssl_upstream)
+        # Positional: a class called with keywords has them packed into a dict and unpacked again.
         self.machine = PROTOCOLS[server.protocol].backend_login(server, BackendLoginFacts(
-            login=login, password=password, attempt=attempt, ok=self.ok, client_ip=self.client_ip,
-            client_host=self.client_host, client_id=self._client_id(), starttls=tls_mode == "starttls"))
+            login, password, attempt, self.ok, self.client_ip, self.client_host, self._client_id(),
+            tls_mode == "starttls"))
         self.actions = deque()
         if server.proxy_protocol != "off":
             self.action = SENDING_PROXY_HEADER

@@ -385,7 +385,6 @@ def decide(reply: AuthReply, protocol: str, method: str):
     smtp_auth = None
     if protocol == "smtp" and reply.method is not None and reply.method.lower() in _SMTP_AUTH_METHODS:
         smtp_auth = _text(reply.method.lower())
-    return AuthOk(
-        addr, port, "%s:%s" % (_text(reply.server), _text(reply.port)), reply.user, reply.password, family,
-        ssl_upstream=(reply.ssl_upstream or b"").lower() == b"on", smtp_auth=smtp_auth,
-    )
+    # Positional, as every value made per login: keywords to a class call are packed into a dict.
+    return AuthOk(addr, port, "%s:%s" % (_text(reply.server), _text(reply.port)), reply.user, reply.password,
+                  family, (reply.ssl_upstream or b"").lower() == b"on", smtp_auth)

@@ -132,8 +132,9 @@ class ImapMachine(LiteralMachine):
         self.login = login
         self.state = State.AUTHENTICATING
         salt = self._salt if method == "cram-md5" else None
-        attempt = AuthAttempt(method, login, password, self.attempts, salt=salt, tag=self.tag,
-                              imap_id=self.client_fields)
+        # Positional (keywords to a class call are packed into a dict): the four SMTP fields are empty.
+        attempt = AuthAttempt(method, login, password, self.attempts, salt, self.tag, b"", False, b"", b"",
+                              self.client_fields)
         return [Authenticate(attempt)]
 
     def _tls_required(self) -> bool:

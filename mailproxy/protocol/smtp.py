@@ -188,8 +188,9 @@ class SmtpMachine(LineMachine):
         # Auth-SMTP-From/To belong to method none only (spec 3.2).
         envelope = (self.mail_from, self.rcpt_to) if method == "none" else (b"", b"")
         salt = self._salt if method == "cram-md5" else None
-        request = AuthAttempt(method, login, password, self.attempts, salt, helo=self.helo, esmtp=self.esmtp,
-                              mail_from=envelope[0], rcpt_to=envelope[1])
+        # Positional (keywords to a class call are packed into a dict); no IMAP tag.
+        request = AuthAttempt(method, login, password, self.attempts, salt, b"", self.helo, self.esmtp,
+                              envelope[0], envelope[1])
         return [Authenticate(request)]
 
     # -- commands (spec 2.3.3) -------------------------------------------------------------------
