@@ -48,7 +48,7 @@ class Protocol:
 
 
 # The machines are made with positional arguments, in their signatures' order: a class called with
-# keywords has them packed into a dict and unpacked again, some 4,000 instructions a login.
+# keywords has them packed into a dict and unpacked again, some 3,000 instructions a call.
 def _imap_login(server, facts):
     return upstream_imap.ImapUpstreamLogin(
         facts.login, facts.password, facts.attempt.tag, server.proxy_buffer, server.proxy_pass_error_message,
