@@ -43,11 +43,7 @@ def connect(sock, address) -> int:
     connection not up yet (or refused) answers ENOTCONN and is waited for as usual, so every failure
     is still the one SO_ERROR reports."""
     code = sock.connect_ex(address)
-    if code in IN_PROGRESS:
-        try:
-            sock.getpeername()
-        except OSError:
-            return code
+    if code in IN_PROGRESS and _netio.connected(sock.fileno()):
         return 0
     return code
 
