@@ -1142,12 +1142,12 @@ cdef class TlsPump:
         self.dst_fd = dst_fd
         self.may_cork = self.dst_ssl != NULL
         if read_size < SSL3_RT_MAX_PLAIN_LENGTH:
-            # Reads no larger than a TLS record, as nginx's mail proxy makes them (a page, 4 KiB, by
+            # Reads smaller than a TLS record, as nginx's mail proxy makes them (a page, 4 KiB, by
             # default), cost a record's work per slice. A TLS source's record is held decrypted whole
             # by OpenSSL: read out in slices it cost four send(2) calls a record to a plain backend
             # (an upload's CPU per GiB 0.92 -> 0.76, nginx's 0.86). Towards a TLS destination every
             # write is a record of its own: 4 KiB reads made four records, four encryptions and four
-            # write(2) where one does (eight streams down: CPU per GiB 1.52 -> 1.20, nginx's 1.36;
+            # write(2) where one does (eight streams down: CPU per GiB 1.48 -> 1.16, nginx's 1.52;
             # bench/RESULTS.md). OpenSSL keeps a record-sized buffer per direction of an SSL anyway,
             # so what the pump holds for a stalled destination, one record at most, is the same order.
             read_size = SSL3_RT_MAX_PLAIN_LENGTH

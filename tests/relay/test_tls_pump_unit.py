@@ -144,7 +144,7 @@ def test_a_stalled_destination_holds_one_record_at_most(plain_pair, tls_pair):
 def test_a_plain_source_is_read_a_record_at_a_time(plain_pair, tls_pair):
     """proxy_buffer (4 KiB here) smaller than a record: towards a TLS destination every write is a
     record, so 16 KiB that arrived together leave as one record (one encryption, one write(2)), not
-    four (eight streams down: CPU per GiB 1.52 with four, 1.20 with one). The peer's first read
+    four (eight streams down: CPU per GiB 1.48 with four, 1.16 with one). The peer's first read
     decrypts one record; what it did not take of it is SSL_pending."""
     src, feeder = plain_pair
     server, client = tls_pair
