@@ -1,6 +1,6 @@
 """The TLS relay pump (mailproxy/_openssl.pyx TlsPump) with TLS towards the client, the backend, or
 both: bytes intact both ways, how peers close (with and without close_notify), a corrupted record, and
-memory bounded by proxy_buffer. The semantic checks run the Python copy loop too (MAILPROXY_TLS_PUMP=off)
+memory bounded by one read (proxy_buffer, or a TLS record when that is larger). The semantic checks run the Python copy loop too (MAILPROXY_TLS_PUMP=off)
 and expect the same outcome from both."""
 
 import hashlib
@@ -203,8 +203,8 @@ def test_both_ways_at_once(tls_proxy, side, size):
 
 @pytest.mark.parametrize("side", SIDES)
 def test_login_leftovers_go_first_small_buffers(tls_proxy, side):
-    """Leftovers larger than a read, and reads of a few bytes from a plain source (proxy_buffer and
-    client_buffer of 7; a TLS source is read a record at a time): the order still holds."""
+    """Leftovers larger than a read (proxy_buffer and client_buffer of 7, which the pump raises to a
+    TLS record): the leftovers go whole and first, in order, then the session's own bytes."""
     leftovers_c, leftovers_b = os.urandom(70000), os.urandom(70000)
     body = os.urandom(50000)
 
